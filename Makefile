@@ -1,0 +1,46 @@
+# make help  lists the targets. Every target sets itself up (a .venv with the CPU torch wheel).
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+TORCH   ?= torch==2.13.0
+EXP     ?= tiny
+CORPUS  ?= data/tiny
+PYTEST_ARGS ?=
+
+.PHONY: help setup corpus demo test bench bench-data lint format clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
+
+setup: $(VENV)/.installed ## create .venv: the torch wheel first, then this project (editable) with dev tools
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q $(TORCH)
+	$(VENV)/bin/pip install -q -e ".[dev]"
+	touch $@
+
+corpus: setup ## synthesize the tiny eSpeak corpus, write its shards and CMVN stats
+	$(PY) -m tools.prepare_corpus --out $(CORPUS)
+
+demo: corpus ## the embedded default end to end: corpus, stand-in LLM, its evaluation
+	$(PY) train.py stage=llm_text experiment=$(EXP)
+
+test: setup ## the test suite (fast, CPU, no network); CI runs exactly this
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+bench: bench-data ## all benchmarks
+
+bench-data: corpus ## ASR loader throughput vs plain decode + fbank on the same files
+	$(PY) -m tools.bench_data --shards $(CORPUS)/shards/asr/train
+
+lint: setup ## ruff lint + format check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup ## ruff format + autofix
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean: ## remove runs/ and the corpus (keeps .venv)
+	rm -rf runs $(CORPUS)

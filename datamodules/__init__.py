@@ -1,0 +1,1 @@
+"""Data: corpus synthesis, shards, features, datamodules."""

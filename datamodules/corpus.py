@@ -1,0 +1,39 @@
+"""Where the synthetic corpus lives and how big it is (the `corpus:` config block).
+
+Layout under `root` (made by `python -m tools.prepare_corpus`):
+    audio/{asr,qa}/<split>/*.flac         source-rate audio (22.05 kHz eSpeak NG)
+    manifests/{asr,qa}_<split>.jsonl      one line per utterance / dialogue
+    shards/{asr,qa}/<split>/*.tar + index.json   WebDataset shards written from the manifests
+    cmvn.json                             global CMVN of the ASR training fbank
+    corpus_stats.json                     utterances, hours and voices per split
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from datamodules.qa import DEFAULT_SPLIT_SIZES
+
+SPLITS = ("train", "dev", "test")
+KINDS = ("asr", "qa")
+
+
+@dataclass
+class CorpusConfig:
+    root: str = "data/tiny"
+    # Decides the voices, the sentences and which QA combinations are held out: every
+    # stage and evaluation reads held-out membership from this seed.
+    seed: int = 1234
+    n_asr: int = 3000  # ASR utterances over all splits
+    qa_dialogues: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_SPLIT_SIZES))
+    workers: int = 2
+    shard_max_mb: int = 64
+
+
+def manifest_path(root: str | Path, kind: str, split: str) -> Path:
+    return Path(root) / "manifests" / f"{kind}_{split}.jsonl"
+
+
+def shard_dir(root: str | Path, kind: str, split: str) -> Path:
+    return Path(root) / "shards" / kind / split

@@ -1,0 +1,173 @@
+"""Text QA in chat format for the stand-in LLM (stage `llm_text`).
+
+Training streams an endless mixture, drawn afresh from seeded generators:
+  * multi-round QA dialogues over the *training* combinations of `datamodules.qa`;
+  * "repeat after me" requests over the ASR training transcripts, so the LLM can copy
+    text from its context, as any real instruction-tuned LLM can (the speech-alignment
+    stage relies on it to emit transcripts).
+Validation uses the fixed dev dialogues (held-out combinations). The loss covers only the
+assistant turns (their text and the closing <|im_end|>).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from transformers import PreTrainedTokenizerBase
+
+from datamodules.qa import build_qa_splits, sample_dialogue
+from modules.llm import chat_messages
+
+IGNORE_INDEX = -100
+REPEAT_PROMPTS = ["Repeat after me: {s}", "Please say this back to me: {s}", "Say exactly this: {s}"]
+
+
+@dataclass
+class TextQADataConfig:
+    # Training batches are length-bucketed and bounded by padded tokens (B * max length),
+    # like the audio batches; validation uses a fixed batch size.
+    max_tokens_per_batch: int = 4096
+    bucket_pool: int = 512  # examples sorted together before cutting batches
+    batch_size: int = 64  # validation
+    num_workers: int = 0
+    repeat_prob: float = 0.25  # share of "repeat after me" examples
+    # Transcripts for the repeat task: the ASR *training* manifest (never dev/test text).
+    repeat_manifest: str = "${corpus.root}/manifests/asr_train.jsonl"
+    max_length: int = 320  # tokens; longer examples are cut (none are at the tiny scale)
+    val_dialogues: int = 100
+
+
+def encode_chat(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict], max_length: int
+) -> tuple[list[int], list[int]]:
+    """Token ids of the rendered chat and labels that are IGNORE_INDEX outside assistant turns.
+
+    Assistant spans are found in the rendered text (prefix renders are stable for ChatML) and
+    mapped to tokens through the tokenizer's character offsets.
+    """
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans: list[tuple[int, int]] = []
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
+            if text[start : start + len(m["content"])] != m["content"]:
+                raise ValueError("the chat template does not render prefixes stably; cannot locate assistant turns")
+            spans.append((start, start + len(m["content"]) + len(tokenizer.eos_token)))
+    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+    ids = enc["input_ids"][:max_length]
+    labels = [
+        tok if any(s <= begin < e for s, e in spans) else IGNORE_INDEX
+        for tok, (begin, _) in zip(ids, enc["offset_mapping"][:max_length])
+    ]
+    return ids, labels
+
+
+def dialogue_messages(turns: list[dict]) -> list[dict]:
+    history = [(t["question"], t["answer"]) for t in turns[:-1]]
+    return [*chat_messages(history, turns[-1]["question"]), {"role": "assistant", "content": turns[-1]["answer"]}]
+
+
+def read_transcripts(manifest: str | Path) -> list[str]:
+    path = Path(manifest)
+    if not path.is_file():
+        raise FileNotFoundError(f"repeat-task transcripts not found at {path}; build the corpus first (make corpus)")
+    with open(path) as f:
+        return [json.loads(line)["text"] for line in f if line.strip()]
+
+
+class TextQAStream(IterableDataset):
+    """Endless training batches; each worker (and rank) draws from its own seeded stream.
+
+    Examples are drawn in pools of `bucket_pool`, sorted by length and cut into batches
+    whose padded size `len(batch) * longest` stays within `max_tokens_per_batch`, so little
+    compute goes into padding.
+    """
+
+    def __init__(
+        self, tokenizer, cfg: TextQADataConfig, qa_seed: int, seed: int, transcripts: list[str], rank: int = 0
+    ):
+        self.tokenizer, self.cfg, self.transcripts, self.rank = tokenizer, cfg, transcripts, rank
+        self.qa_seed, self.seed = qa_seed, seed
+
+    def example(self, rng: random.Random) -> tuple[list[int], list[int]]:
+        if self.transcripts and rng.random() < self.cfg.repeat_prob:
+            s = rng.choice(self.transcripts)
+            turns = [{"question": rng.choice(REPEAT_PROMPTS).format(s=s), "answer": s}]
+        else:
+            turns = [t.as_dict() for t in sample_dialogue(rng, self.qa_seed, heldout=False)]
+        return encode_chat(self.tokenizer, dialogue_messages(turns), self.cfg.max_length)
+
+    def __iter__(self):
+        info = get_worker_info()
+        rng = random.Random(f"text-qa-{self.seed}-{self.rank}-{info.id if info else 0}")
+        while True:
+            pool = sorted((self.example(rng) for _ in range(self.cfg.bucket_pool)), key=lambda x: len(x[0]))
+            batches, batch = [], []
+            for ex in pool:
+                if batch and (len(batch) + 1) * len(ex[0]) > self.cfg.max_tokens_per_batch:
+                    batches.append(batch)
+                    batch = []
+                batch.append(ex)
+            batches.append(batch)
+            rng.shuffle(batches)
+            yield from (collate(b, self.tokenizer.pad_token_id) for b in batches)
+
+
+class TextQAEval(Dataset):
+    """Fixed examples: every assistant turn of the given dialogues, with its history."""
+
+    def __init__(self, tokenizer, dialogues: list[dict], max_length: int):
+        self.items = [
+            encode_chat(tokenizer, dialogue_messages(d["turns"][: k + 1]), max_length)
+            for d in dialogues
+            for k in range(len(d["turns"]))
+        ]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i]
+
+
+def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """input_ids [B, L], attention_mask [B, L] (True = token), labels [B, L]; right padding."""
+    width = max(len(ids) for ids, _ in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.bool)
+    for i, (ids, lab) in enumerate(batch):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(lab)] = torch.tensor(lab)
+        mask[i, : len(ids)] = True
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+class TextQADataModule(L.LightningDataModule):
+    """`qa_seed` is the corpus seed (it decides which QA combinations are held out);
+    `seed` drives the training stream."""
+
+    def __init__(self, cfg: TextQADataConfig, tokenizer: PreTrainedTokenizerBase, qa_seed: int, seed: int):
+        super().__init__()
+        self.cfg, self.tokenizer, self.qa_seed, self.seed = cfg, tokenizer, qa_seed, seed
+
+    def setup(self, stage: str | None = None) -> None:
+        transcripts = read_transcripts(self.cfg.repeat_manifest) if self.cfg.repeat_prob > 0 else []
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        self.train_set = TextQAStream(self.tokenizer, self.cfg, self.qa_seed, self.seed, transcripts, rank)
+        dev = build_qa_splits(self.qa_seed, {"dev": self.cfg.val_dialogues})["dev"]
+        self.val_set = TextQAEval(self.tokenizer, dev, self.cfg.max_length)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=None, num_workers=self.cfg.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        collate_fn = functools.partial(collate, pad_id=self.tokenizer.pad_token_id)
+        return DataLoader(self.val_set, batch_size=self.cfg.batch_size, shuffle=False, collate_fn=collate_fn)

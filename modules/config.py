@@ -1,0 +1,228 @@
+"""Config loading: OmegaConf, Hydra-style group folders, strict keys.
+
+    python train.py stage=<stage> experiment=<exp> [group=<choice> ...] [a.b=value ...]
+
+Composition order (later wins):
+    schema defaults (`RunConfig`) <- configs/{model,data,trainer}/<choice>.yaml
+    <- configs/stage/<stage>.yaml <- configs/experiment/<exp>.yaml (its body)
+    <- the experiment's `stages.<stage>` block <- command-line `a.b=value` overrides.
+
+An experiment file names its group choices in `defaults:` (e.g. `model: tiny`); the
+command line can change them (`trainer=gpu`). Every key anywhere is checked against the
+dataclass schema: an unknown key is an error naming the valid keys (and the closest one),
+an unknown group choice an error listing the files of that folder.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from datamodules.asr import ASRDataConfig
+from datamodules.corpus import CorpusConfig
+from datamodules.spoken_qa import SpokenQADataConfig
+from datamodules.text_qa import TextQADataConfig
+from modules.llm import LLMConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+GROUPS = ("model", "data", "trainer")
+SELECTORS = ("stage", "experiment")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be composed; the message says what to change."""
+
+
+@dataclass
+class StageConfig:
+    name: str = "???"
+    # Components whose parameters this stage trains; every other one is frozen (eval mode).
+    trainable: list[str] = field(default_factory=list)
+    # Stages whose outputs this stage starts from, in order.
+    init_from: list[str] = field(default_factory=list)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.05  # cosine decays to lr * min_lr_ratio at trainer.max_steps
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    max_steps: int = 1000
+    val_check_interval: int = 200
+    limit_val_batches: Any = 1.0
+    log_every_n_steps: int = 20
+    gradient_clip_val: float = 1.0
+    accumulate_grad_batches: int = 1
+    num_threads: int = 0  # torch.set_num_threads; 0 = leave torch's default
+    enable_progress_bar: bool = True
+
+
+@dataclass
+class DataConfig:
+    asr: ASRDataConfig = field(default_factory=ASRDataConfig)
+    spoken_qa: SpokenQADataConfig = field(default_factory=SpokenQADataConfig)
+    text_qa: TextQADataConfig = field(default_factory=TextQADataConfig)
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 64
+    max_new_tokens: int = 40
+    limit: int = 0  # evaluate only the first N dialogues; 0 = all
+
+
+@dataclass
+class RunConfig:
+    experiment: str = "???"
+    seed: int = 1234
+    run_root: str = "runs"
+    resume: bool = True  # continue from runs/<exp>/<stage>/checkpoints/last.ckpt when present
+    # Group choices actually used, recorded for the saved config.
+    defaults: dict[str, str] = field(default_factory=dict)
+    stage: StageConfig = field(default_factory=StageConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _choices(folder: str, config_dir: Path) -> list[str]:
+    return sorted(p.stem for p in (config_dir / folder).glob("*.yaml"))
+
+
+def _read_choice(folder: str, choice: str, config_dir: Path) -> DictConfig:
+    path = config_dir / folder / f"{choice}.yaml"
+    if not path.is_file():
+        available = ", ".join(_choices(folder, config_dir)) or "(none)"
+        raise ConfigError(f"unknown {folder} '{choice}': {config_dir / folder} has {available}")
+    loaded = OmegaConf.load(path)
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path} must hold a mapping, not a {type(loaded).__name__}")
+    return loaded
+
+
+def _check_keys(schema: DictConfig, update: Any, where: str, prefix: str = "") -> None:
+    """Raise ConfigError at the first key of `update` that `schema` does not have."""
+    if not isinstance(update, DictConfig | dict):
+        return
+    for key in update:
+        # Nodes, not values: values would resolve interpolations before the merge.
+        value = update._get_node(key) if isinstance(update, DictConfig) else update[key]
+        dotted = f"{prefix}{key}"
+        if not isinstance(schema, DictConfig) or key not in schema.keys():  # noqa: SIM118 (`in` hides ??? values)
+            valid = sorted(str(k) for k in schema) if isinstance(schema, DictConfig) else []
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"unknown config key '{dotted}' (in {where}).{hint} "
+                f"Valid keys{' under ' + prefix.rstrip('.') if prefix else ''}: {', '.join(valid)}"
+            )
+        child = schema._get_node(key)
+        # Free-form dicts (e.g. `defaults`) take any key; dataclass nodes are checked deeper.
+        if isinstance(child, DictConfig) and child._metadata.object_type not in (None, dict):
+            _check_keys(child, value, where, f"{dotted}.")
+
+
+def _merge(base: DictConfig, update: DictConfig | dict, where: str) -> DictConfig:
+    _check_keys(base, update, where)
+    try:
+        return OmegaConf.merge(base, update)  # type: ignore[return-value]
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"bad value in {where}: {e}") from None
+
+
+def parse_overrides(argv: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Split `key=value` arguments into selector/group choices and dotted overrides."""
+    selected: dict[str, str] = {}
+    dotted: list[str] = []
+    for arg in argv:
+        if "=" not in arg:
+            raise ConfigError(f"expected key=value, got '{arg}'")
+        key, value = arg.split("=", 1)
+        if key in SELECTORS or key in GROUPS:
+            selected[key] = value
+        else:
+            dotted.append(arg)
+    return selected, dotted
+
+
+def load_config(argv: list[str] | None = None, config_dir: Path = CONFIG_DIR, **choices: str) -> DictConfig:
+    """Compose, validate and return the run config (a structured DictConfig).
+
+    `argv` holds `key=value` strings; keyword arguments are the same for code callers
+    (`load_config(stage="llm_text", experiment="tiny")`).
+    """
+    selected, dotted = parse_overrides(list(argv or []))
+    selected = {**choices, **selected}
+    for key in SELECTORS:
+        if key not in selected:
+            raise ConfigError(f"missing {key}=<name>; choices: {', '.join(_choices(key, config_dir))}")
+    stage, experiment = selected["stage"], selected["experiment"]
+    exp_cfg = _read_choice("experiment", experiment, config_dir)
+    stage_cfg = _read_choice("stage", stage, config_dir)
+
+    exp_defaults = exp_cfg.pop("defaults", OmegaConf.create({}))
+    per_stage = exp_cfg.pop("stages", OmegaConf.create({}))
+    unknown_groups = set(exp_defaults.keys()) - set(GROUPS)
+    if unknown_groups:
+        raise ConfigError(
+            f"experiment '{experiment}' defaults name unknown groups {sorted(unknown_groups)}; groups: {', '.join(GROUPS)}"
+        )
+    group_choice = {g: str(exp_defaults[g]) for g in GROUPS if g in exp_defaults}
+    group_choice.update({g: selected[g] for g in GROUPS if g in selected})
+
+    cfg = OmegaConf.structured(RunConfig)
+    for group in GROUPS:
+        if group in group_choice:
+            cfg = _merge(
+                cfg, _read_choice(group, group_choice[group], config_dir), f"configs/{group}/{group_choice[group]}.yaml"
+            )
+    cfg = _merge(cfg, stage_cfg, f"configs/stage/{stage}.yaml")
+    cfg = _merge(cfg, exp_cfg, f"configs/experiment/{experiment}.yaml")
+    if stage in per_stage:
+        cfg = _merge(cfg, per_stage[stage], f"configs/experiment/{experiment}.yaml: stages.{stage}")
+    try:
+        cli = OmegaConf.from_dotlist(dotted)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"cannot parse overrides {dotted}: {e}") from None
+    cfg = _merge(cfg, cli, "the command line")
+    cfg.experiment = experiment
+    cfg.stage.name = stage
+    cfg.defaults = group_choice
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"config values still missing (???): {', '.join(missing)}")
+    return cfg
+
+
+def run_dir(cfg: DictConfig, stage: str | None = None) -> Path:
+    """runs/<experiment>/<stage>/: config, checkpoints, TensorBoard logs, metrics.json."""
+    return Path(cfg.run_root) / cfg.experiment / (stage or cfg.stage.name)
+
+
+def save_config(cfg: DictConfig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, path, resolve=True)
+
+
+def to_container(cfg: DictConfig | ListConfig) -> Any:
+    """Plain Python containers (what checkpoints store)."""
+    return OmegaConf.to_container(cfg, resolve=True)

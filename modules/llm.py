@@ -1,0 +1,105 @@
+"""The text LLM: one loading path for the stand-in LLM trained here and for Qwen2-7B-Instruct.
+
+Any Hugging Face causal LM saved with `save_pretrained` (weights + tokenizer with a chat
+template) loads through `load_llm`, from local files only: nothing is downloaded. The
+`arch` block describes the Qwen2-architecture stand-in that stage `llm_text` builds from
+scratch; it is ignored when loading.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+SYSTEM_PROMPT = "You are a helpful assistant."
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LLMArchConfig:
+    """Shape of the Qwen2-architecture stand-in built by stage `llm_text`."""
+
+    vocab_size: int = 2048  # BPE vocabulary trained on the corpus text, specials included
+    hidden_size: int = 256
+    intermediate_size: int = 768
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 512
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = True
+
+
+@dataclass
+class LLMConfig:
+    # A local directory holding config.json, the weights and the tokenizer.
+    path: str = "???"
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    attn_implementation: str = "sdpa"
+    arch: LLMArchConfig = field(default_factory=LLMArchConfig)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype '{name}'; choose one of {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def build_qwen2(arch: LLMArchConfig, tokenizer: PreTrainedTokenizerBase) -> Qwen2ForCausalLM:
+    """A randomly initialised Qwen2 causal LM whose vocabulary matches `tokenizer`."""
+    if len(tokenizer) > arch.vocab_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but llm.arch.vocab_size is {arch.vocab_size}")
+    config = Qwen2Config(
+        vocab_size=arch.vocab_size,
+        hidden_size=arch.hidden_size,
+        intermediate_size=arch.intermediate_size,
+        num_hidden_layers=arch.num_hidden_layers,
+        num_attention_heads=arch.num_attention_heads,
+        num_key_value_heads=arch.num_key_value_heads,
+        max_position_embeddings=arch.max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": arch.rope_theta},
+        tie_word_embeddings=arch.tie_word_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return Qwen2ForCausalLM(config)
+
+
+def load_llm(cfg: LLMConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load the causal LM and its tokenizer from `cfg.path` (local files only)."""
+    path = Path(cfg.path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"no Hugging Face model at '{path}' (config.json missing). For the tiny experiment, train "
+            f"the stand-in first: `python train.py stage=llm_text experiment=tiny`; otherwise point "
+            f"llm.path at a local copy of e.g. Qwen2-7B-Instruct."
+        )
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tokenizer.chat_template is None:
+        raise ValueError(f"the tokenizer at '{path}' has no chat template; an instruct/chat model is required")
+    model = AutoModelForCausalLM.from_pretrained(
+        path, local_files_only=True, dtype=torch_dtype(cfg.dtype), attn_implementation=cfg.attn_implementation
+    )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def chat_messages(history: list[tuple[str, str]], question: str) -> list[dict]:
+    """System prompt + earlier (question, answer) turns + the new question."""
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}]
+    for q, a in history:
+        messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    messages.append({"role": "user", "content": question})
+    return messages

@@ -1,0 +1,138 @@
+"""Stage `llm_text`: train the stand-in LLM (offline experiments only).
+
+No pretrained LLM can be downloaded on the machines this project targets, so the tiny
+experiment trains a Qwen2-architecture causal LM and a BPE tokenizer on the text QA of the
+synthetic corpus, saves both with `save_pretrained` to runs/<exp>/llm_text/hf/, and every
+later stage loads them through `modules.llm.load_llm`, the path that loads Qwen2-7B-Instruct.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from datamodules.qa import build_qa_splits, sample_dialogue
+from datamodules.text_qa import IGNORE_INDEX, TextQADataModule, read_transcripts
+from datamodules.tokenizer import train_bpe_tokenizer
+from modules.config import run_dir
+from modules.llm import SYSTEM_PROMPT, build_qwen2, chat_messages
+from modules.qa_eval import accuracy_table, evaluate_text_qa, generate_replies
+from modules.training import StageModule, fit, make_optimizer, write_metrics
+
+log = logging.getLogger(__name__)
+
+
+class TextLLM(StageModule):
+    """A causal LM trained with next-token cross-entropy on assistant tokens."""
+
+    def __init__(self, cfg: DictConfig, tokenizer: PreTrainedTokenizerBase):
+        super().__init__(cfg)
+        self.tokenizer = tokenizer
+        self.llm = build_qwen2(cfg.llm.arch, tokenizer)
+
+    def components(self) -> dict[str, nn.Module]:
+        return {"llm": self.llm}
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.llm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        logits = out.logits[:, :-1]  # [B, L-1, V]: position t predicts token t+1
+        targets = batch["labels"][:, 1:]
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+        valid = targets != IGNORE_INDEX
+        acc = ((logits.argmax(-1) == targets) & valid).sum() / valid.sum().clamp(min=1)
+        return loss, acc
+
+    def training_step(self, batch, batch_idx):
+        loss, acc = self._loss(batch)
+        n = len(batch["input_ids"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self.log("train/token_acc", acc, batch_size=n)
+        self.log("train/batch_size", float(n), batch_size=n)
+        self.log("train/real_tokens", batch["attention_mask"].sum().float(), reduce_fx="sum", batch_size=n)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        loss, acc = self._loss(batch)
+        self.log("val/loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
+        self.log("val/token_acc", acc, batch_size=len(batch["input_ids"]))
+
+    def on_validation_epoch_end(self) -> None:
+        """Show a few greedy answers to held-out questions in TensorBoard."""
+        if self.trainer.sanity_checking or not hasattr(self.logger, "experiment"):
+            return
+        import random
+
+        rng = random.Random(0)
+        questions = [sample_dialogue(rng, self.cfg.corpus.seed, heldout=True, max_turns=1)[0] for _ in range(4)]
+        replies = generate_replies(self.llm, self.tokenizer, [chat_messages([], t.question) for t in questions], 32)
+        text = "\n\n".join(f"Q: {t.question}  \nA: {r}  \n(reference: {t.answer})" for t, r in zip(questions, replies))
+        self.logger.experiment.add_text("samples/held_out_answers", text, self.global_step)
+
+    def configure_optimizers(self):
+        return make_optimizer(self, self.cfg.optim, self.cfg.trainer.max_steps)
+
+
+def tokenizer_corpus(cfg: DictConfig) -> list[str]:
+    """Text the BPE is trained on: training QA dialogues, repeat prompts and ASR train transcripts."""
+    import random
+
+    rng = random.Random(f"bpe-{cfg.seed}")
+    texts = [f"system\nuser\nassistant\n{SYSTEM_PROMPT}"] * 1000  # what every chat holds
+    for _ in range(5000):
+        for t in sample_dialogue(rng, cfg.corpus.seed, heldout=False):
+            texts += [t.question, t.answer]
+    if cfg.data.text_qa.repeat_prob > 0:
+        texts += read_transcripts(cfg.data.text_qa.repeat_manifest)
+    return texts
+
+
+def run(cfg: DictConfig) -> dict:
+    """Train tokenizer + LLM, save them as a Hugging Face model, evaluate text QA."""
+    out = run_dir(cfg)
+    hf_dir = Path(cfg.llm.path)
+    tokenizer = train_bpe_tokenizer(tokenizer_corpus(cfg), cfg.llm.arch.vocab_size)
+    module = TextLLM(cfg, tokenizer)
+    counts = module.apply_freezing(list(cfg.stage.trainable))
+    n_params = sum(p.numel() for p in module.llm.parameters())
+    log.info("stand-in LLM: %s parameters", f"{n_params:,}")
+    datamodule = TextQADataModule(cfg.data.text_qa, tokenizer, qa_seed=cfg.corpus.seed, seed=cfg.seed)
+    trainer = fit(cfg, module, datamodule)
+
+    if trainer.global_rank == 0:
+        hf_dir.mkdir(parents=True, exist_ok=True)
+        module.llm.save_pretrained(hf_dir)
+        tokenizer.save_pretrained(hf_dir)
+        log.info("saved the LLM to %s", hf_dir)
+    metrics = {"num_parameters": n_params, "component_params": counts, "train_steps": trainer.global_step}
+    metrics.update(evaluate(cfg))
+    write_metrics(cfg, metrics)
+    log.info("metrics written to %s", out / "metrics.json")
+    return metrics
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Text QA accuracy of the LLM at `llm.path` on the held-out test dialogues."""
+    from modules.llm import load_llm
+
+    model, tokenizer = load_llm(cfg.llm)
+    dialogues = build_qa_splits(cfg.corpus.seed, {"test": cfg.corpus.qa_dialogues["test"]})["test"]
+    if cfg.eval.limit:
+        dialogues = dialogues[: cfg.eval.limit]
+    result = evaluate_text_qa(model, tokenizer, dialogues, cfg.eval.batch_size, cfg.eval.max_new_tokens)
+    out = run_dir(cfg, "llm_text")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "text_qa_replies.jsonl").write_text("".join(json.dumps(r) + "\n" for r in result["records"]))
+    (out / "text_qa.md").write_text(accuracy_table(f"Text QA, held-out test dialogues ({cfg.llm.path})", result))
+    print(accuracy_table("Text QA accuracy of the stand-in LLM (held-out test split)", result))
+    return {
+        "text_qa_accuracy": result["accuracy"],
+        "text_qa_per_family": result["per_family"],
+        "text_qa_per_turn_depth": result["per_turn_depth"],
+        "text_qa_turns": result["num_turns"],
+    }

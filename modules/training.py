@@ -1,0 +1,183 @@
+"""What every stage shares: freezing, trainable-only checkpoints, the Trainer, the LR schedule.
+
+A component LightningModule subclasses `StageModule` and names its components
+(`components()`); the stage config's `trainable` list decides which ones train. Frozen
+components get `requires_grad_(False)` and stay in eval mode, even after Lightning calls
+`.train()`. A checkpoint keeps only trainable weights plus the resolved run config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig
+from torch import nn
+
+from modules.config import OptimConfig, run_dir, save_config, to_container
+
+log = logging.getLogger(__name__)
+
+
+class StageModule(L.LightningModule):
+    """Base class of the component LightningModules."""
+
+    def __init__(self, cfg: DictConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.run_config: dict = to_container(cfg)  # what checkpoints store
+        # Frozen weights are absent from our checkpoints; `on_load_checkpoint` checks the rest.
+        self.strict_loading = False
+
+    def components(self) -> dict[str, nn.Module]:
+        raise NotImplementedError
+
+    # --- freezing -------------------------------------------------------------------------
+    def apply_freezing(self, trainable: list[str]) -> dict[str, dict[str, int]]:
+        """Train exactly the components named in `trainable`; return per-component counts."""
+        comps = self.components()
+        unknown = sorted(set(trainable) - set(comps))
+        if unknown:
+            raise ValueError(f"stage.trainable names unknown components {unknown}; this module has {sorted(comps)}")
+        counts = {}
+        for name, comp in comps.items():
+            train = name in trainable
+            comp.requires_grad_(train)
+            if not train:
+                comp.eval()
+            n = sum(p.numel() for p in comp.parameters())
+            counts[name] = {"trainable": n if train else 0, "frozen": 0 if train else n}
+        self._frozen = [n for n in comps if n not in trainable]
+        for name, c in counts.items():
+            log.info("%-16s trainable %12s  frozen %12s", name, f"{c['trainable']:,}", f"{c['frozen']:,}")
+        return counts
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        comps = self.components() if mode else {}
+        for name in getattr(self, "_frozen", []):
+            comps[name].eval()
+        return self
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        keep = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in keep}
+
+    # --- checkpoints ----------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = self.trainable_state_dict()
+        checkpoint["run_config"] = self.run_config
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        own = self.state_dict()
+        theirs = checkpoint["state_dict"]
+        unexpected = sorted(set(theirs) - set(own))
+        if unexpected:
+            raise ValueError(f"checkpoint has weights this module lacks: {unexpected[:5]}")
+        bad = [
+            f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+            for k, v in theirs.items()
+            if v.shape != own[k].shape
+        ]
+        if bad:
+            raise ValueError("checkpoint and model sizes disagree:\n  " + "\n  ".join(bad[:10]))
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        missing = sorted(trainable - set(theirs))
+        if missing:
+            raise ValueError(f"checkpoint lacks trainable weights {missing[:5]} (from another stage?)")
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay matrices, not biases, norms or 1-d parameters."""
+    decay, no_decay = [], []
+    for p in module.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(module: nn.Module, optim: OptimConfig, max_steps: int) -> dict:
+    """AdamW with linear warm-up and cosine decay to `lr * min_lr_ratio` at `max_steps`."""
+    opt = torch.optim.AdamW(param_groups(module, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas))
+
+    def factor(step: int) -> float:
+        if step < optim.warmup_steps:
+            return (step + 1) / optim.warmup_steps
+        progress = min(1.0, (step - optim.warmup_steps) / max(1, max_steps - optim.warmup_steps))
+        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def build_trainer(cfg: DictConfig, monitor: str = "val/loss") -> L.Trainer:
+    """A Trainer logging to runs/<exp>/<stage>/tb and checkpointing to .../checkpoints."""
+    t = cfg.trainer
+    if t.num_threads > 0:
+        torch.set_num_threads(t.num_threads)
+    out = run_dir(cfg)
+    ckpt = ModelCheckpoint(
+        dirpath=out / "checkpoints",
+        filename="step{step:06d}",
+        auto_insert_metric_name=False,
+        monitor=monitor,
+        mode="min",
+        save_top_k=1,
+        save_last=True,
+    )
+    callbacks: list = [ckpt, LearningRateMonitor(logging_interval="step")]
+    if t.enable_progress_bar:
+        callbacks.append(TQDMProgressBar(refresh_rate=10))
+    return L.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        precision=t.precision,
+        max_steps=t.max_steps,
+        val_check_interval=t.val_check_interval,
+        check_val_every_n_epoch=None,  # streaming data has no epochs: validate every N steps
+        limit_val_batches=t.limit_val_batches,
+        log_every_n_steps=t.log_every_n_steps,
+        gradient_clip_val=t.gradient_clip_val,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        logger=TensorBoardLogger(save_dir=str(out), name="tb", version=""),
+        callbacks=callbacks,
+        enable_progress_bar=t.enable_progress_bar,
+        enable_model_summary=False,
+        default_root_dir=str(out),
+    )
+
+
+def fit(cfg: DictConfig, module: L.LightningModule, datamodule: L.LightningDataModule) -> L.Trainer:
+    """Save the resolved config, then train; resume from last.ckpt when `cfg.resume`."""
+    out = run_dir(cfg)
+    save_config(cfg, out / "config.yaml")
+    trainer = build_trainer(cfg)
+    last = out / "checkpoints" / "last.ckpt"
+    ckpt_path = str(last) if cfg.resume and last.is_file() else None
+    if ckpt_path:
+        log.info("resuming from %s", ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    return trainer
+
+
+def write_metrics(cfg: DictConfig, metrics: dict[str, Any], stage: str | None = None) -> Path:
+    """Merge `metrics` into runs/<exp>/<stage>/metrics.json."""
+    path = run_dir(cfg, stage) / "metrics.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps({**old, **metrics}, indent=2) + "\n")
+    return path
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load one of our checkpoints safely (tensors and plain containers only)."""
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,0 +1,77 @@
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from modules.config import CONFIG_DIR, ConfigError, load_config, run_dir, save_config
+
+STAGES = sorted(p.stem for p in (CONFIG_DIR / "stage").glob("*.yaml"))
+EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_stage_and_experiment_composes(stage, experiment):
+    cfg = load_config([f"stage={stage}", f"experiment={experiment}"])
+    assert cfg.stage.name == stage and cfg.experiment == experiment
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # every interpolation resolves
+
+
+def test_experiments_and_stages_exist():
+    assert {"tiny", "small", "paper"} <= set(EXPERIMENTS)
+    assert "llm_text" in STAGES
+
+
+def test_overrides_and_interpolation():
+    cfg = load_config(["stage=llm_text", "experiment=tiny", "trainer.max_steps=7", "run_root=/tmp/x", "optim.lr=0.5"])
+    assert cfg.trainer.max_steps == 7 and cfg.optim.lr == 0.5
+    assert cfg.llm.path == "/tmp/x/tiny/llm_text/hf"
+    assert run_dir(cfg) == Path("/tmp/x/tiny/llm_text")
+
+
+def test_misspelled_key_names_the_valid_keys():
+    with pytest.raises(ConfigError) as e:
+        load_config(["stage=llm_text", "experiment=tiny", "trainer.max_step=7"])
+    msg = str(e.value)
+    assert "trainer.max_step" in msg and "Did you mean 'trainer.max_steps'" in msg
+    assert "accelerator" in msg and "precision" in msg  # lists the valid keys
+    with pytest.raises(ConfigError, match="unknown config key 'optimizer'"):
+        load_config(["stage=llm_text", "experiment=tiny", "optimizer.lr=1"])
+
+
+def test_misspelled_key_in_a_yaml_file_names_the_file(tmp_path):
+    for group in ("stage", "experiment", "model", "data", "trainer"):
+        (tmp_path / group).mkdir()
+    (tmp_path / "stage" / "s.yaml").write_text("stage:\n  trainabel: [llm]\n")
+    (tmp_path / "experiment" / "e.yaml").write_text("corpus:\n  root: /tmp\n")
+    with pytest.raises(ConfigError, match=r"stage\.trainabel.*configs/stage/s\.yaml.*Did you mean 'stage\.trainable'"):
+        load_config(["stage=s", "experiment=e"], config_dir=tmp_path)
+
+
+def test_bad_value_type_is_an_error():
+    with pytest.raises(ConfigError, match="max_steps"):
+        load_config(["stage=llm_text", "experiment=tiny", "trainer.max_steps=lots"])
+
+
+def test_unknown_choices_list_the_folder():
+    with pytest.raises(ConfigError, match=r"unknown trainer 'tpu'.*cpu.*gpu"):
+        load_config(["stage=llm_text", "experiment=tiny", "trainer=tpu"])
+    with pytest.raises(ConfigError, match=r"unknown experiment 'tinny'.*paper.*small.*tiny"):
+        load_config(["stage=llm_text", "experiment=tinny"])
+    with pytest.raises(ConfigError, match="missing stage="):
+        load_config(["experiment=tiny"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(["stage=llm_text", "experiment=tiny", "verbose"])
+
+
+def test_group_choice_from_the_command_line():
+    cfg = load_config(["stage=llm_text", "experiment=tiny", "trainer=gpu"])
+    assert cfg.trainer.accelerator == "gpu" and cfg.defaults["trainer"] == "gpu"
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(["stage=llm_text", "experiment=tiny"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = OmegaConf.load(tmp_path / "config.yaml")
+    assert again.trainer.max_steps == cfg.trainer.max_steps
+    assert "${" not in (tmp_path / "config.yaml").read_text()  # stored resolved

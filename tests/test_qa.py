@@ -1,0 +1,48 @@
+import random
+
+from datamodules.answers import check_answer, normalize_answer
+from datamodules.qa import FAMILIES, build_qa_splits, is_heldout, sample_dialogue
+
+
+def test_splits_are_deterministic_and_sized():
+    a = build_qa_splits(7, {"train": 50, "dev": 10, "test": 20})
+    b = build_qa_splits(7, {"train": 50, "dev": 10, "test": 20})
+    assert a == b
+    assert {k: len(v) for k, v in a.items()} == {"train": 50, "dev": 10, "test": 20}
+    assert build_qa_splits(8, {"test": 20}) != {"test": a["test"]}
+    for dialogues in a.values():
+        for d in dialogues:
+            assert 1 <= len(d["turns"]) <= 3
+
+
+def test_at_least_six_families_each_with_checkable_reference():
+    splits = build_qa_splits(3, {"train": 400, "test": 200})
+    seen = {t["family"] for d in splits["train"] for t in d["turns"]}
+    assert set(FAMILIES) <= seen and len(FAMILIES) >= 6
+    for d in splits["train"] + splits["test"]:
+        for t in d["turns"]:
+            assert check_answer(t["answer"], t["gold"]), t  # the reference answer passes the checker
+
+
+def test_test_combinations_never_occur_in_training():
+    seed = 11
+    rng = random.Random(0)
+    train_combos = {(t.family, t.combo) for _ in range(3000) for t in sample_dialogue(rng, seed, heldout=False)}
+    test_combos = {(t.family, t.combo) for _ in range(300) for t in sample_dialogue(rng, seed, heldout=True)}
+    assert test_combos and not (train_combos & test_combos)
+    assert all(is_heldout(seed, f, c) for f, c in test_combos)
+    # every family is represented among the held-out questions
+    assert {f for f, _ in test_combos} >= set(FAMILIES)
+
+
+def test_followups_use_the_previous_answer():
+    splits = build_qa_splits(5, {"train": 300})
+    followups = [
+        (d["turns"][i - 1], d["turns"][i])
+        for d in splits["train"]
+        for i in range(1, len(d["turns"]))
+        if d["turns"][i]["family"] == "followup"
+    ]
+    assert followups
+    for prev, cur in followups:
+        assert normalize_answer(prev["gold"][0])[0] in normalize_answer(cur["answer"])

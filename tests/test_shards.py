@@ -1,0 +1,457 @@
+"""Shard writer / readers, per-sample processors, skipping, bucketing and node/worker splitting."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tarfile
+from collections import Counter
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader
+
+from datamodules.audio import encode_flac
+from datamodules.shards import (
+    ShardDataset,
+    SkipCounter,
+    SkipSample,
+    bucket_batches,
+    build_stages,
+    check_frames,
+    collate_asr,
+    compute_fbank,
+    decode_sample,
+    filter_sample,
+    make_key,
+    read_jsonl_manifest,
+    read_kaldi_dir,
+    resolve_shards,
+    write_shards,
+)
+
+SR = 22050
+
+
+def tone(seconds: float, sr: int = SR, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(round(seconds * sr)) / sr
+    f0 = 120 + 30 * (seed % 5)
+    return (0.3 * np.sin(2 * np.pi * (f0 + 200 * t) * t) + 0.01 * rng.standard_normal(t.shape[0])).astype(np.float32)
+
+
+def make_asr_corpus(root: Path, n: int = 12, wav_every: int = 5) -> tuple[Path, list[dict]]:
+    """Write n utterances (FLAC at 22050 Hz; every ``wav_every``-th a 16 kHz WAV) and a JSONL manifest."""
+    (root / "audio").mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(n):
+        seconds = 0.4 + 0.15 * (i % 7)
+        if wav_every and i % wav_every == wav_every - 1:
+            rel, sr = f"audio/u{i:03d}.wav", 16000
+        else:
+            rel, sr = f"audio/u{i:03d}.flac", SR
+        wav = tone(seconds, sr, seed=i)
+        sf.write(root / rel, wav, sr, subtype="PCM_16")
+        records.append(
+            {
+                "id": f"utt.{i:03d}" if i == 0 else f"utt{i:03d}",  # the first id has a dot on purpose
+                "audio": rel,
+                "text": f"sentence number {i}",
+                "speaker": f"spk{i % 3}",
+                "language": "en",
+                "duration": len(wav) / sr,
+                "sample_rate": sr,
+                "split": "train",
+            }
+        )
+    manifest = root / "asr.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return manifest, records
+
+
+def tar_members(path: Path) -> list[str]:
+    with tarfile.open(path) as tar:
+        return tar.getnames()
+
+
+def raw_samples(shards) -> list[dict]:
+    return list(wds.DataPipeline(wds.SimpleShardList(resolve_shards(shards)), wds.tarfile_to_samples()))
+
+
+# ================================================================================================ writer
+
+
+def test_write_shards_from_jsonl_round_trip(tmp_path):
+    manifest, records = make_asr_corpus(tmp_path / "corpus", n=12)
+    out = tmp_path / "shards"
+    index = write_shards(
+        read_jsonl_manifest(manifest), manifest.parent, out, prefix="train", max_shard_samples=5, progress=False
+    )
+    assert [s["path"] for s in index["shards"]] == [f"train-{i:06d}.tar" for i in range(3)]
+    assert [s["num_samples"] for s in index["shards"]] == [5, 5, 2]
+    assert index["num_samples"] == 12
+    expected_hours = sum(r["duration"] for r in records) / 3600
+    assert index["hours"] == pytest.approx(expected_hours, rel=1e-4)
+    assert sum(s["hours"] for s in index["shards"]) == pytest.approx(expected_hours, rel=1e-4)
+    assert index["speakers"] == 3
+    assert json.loads((out / "index.json").read_text()) == index
+
+    names = tar_members(out / "train-000000.tar")
+    assert names[:2] == ["utt_000.flac", "utt_000.json"]  # the dot in the id became "_"
+    samples = raw_samples(out)
+    assert len(samples) == 12
+    by_id = {json.loads(s["json"])["id"]: s for s in samples}
+    for rec in records:
+        meta = json.loads(by_id[rec["id"]]["json"])
+        assert "audio" not in meta
+        assert meta["text"] == rec["text"] and meta["speaker"] == rec["speaker"]
+        assert meta["sample_rate"] == rec["sample_rate"]  # kept at the SOURCE rate
+        assert meta["num_samples"] == round(rec["duration"] * rec["sample_rate"])
+        assert meta["duration"] == pytest.approx(rec["duration"], abs=1e-5)
+        info = sf.info(io.BytesIO(by_id[rec["id"]]["flac"]))
+        assert info.format == "FLAC" and info.samplerate == rec["sample_rate"]
+    # FLAC sources are copied byte for byte
+    assert by_id["utt001"]["flac"] == (manifest.parent / "audio/u001.flac").read_bytes()
+
+    # re-writing the same prefix replaces its shards; another prefix is added to the index
+    index2 = write_shards(
+        read_jsonl_manifest(manifest), manifest.parent, out, prefix="train", max_shard_samples=20, progress=False
+    )
+    assert [s["path"] for s in index2["shards"]] == ["train-000000.tar"]
+    assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar"]
+    index3 = write_shards(iter(records[:4]), manifest.parent, out, prefix="extra", progress=False)
+    assert index3["num_samples"] == 16 and len(index3["shards"]) == 2
+    assert index3["hours"] == pytest.approx(index2["hours"] + index3["parts"]["extra"]["hours"])
+
+
+def test_write_shards_skips_unreadable_and_duplicates(tmp_path, caplog):
+    manifest, records = make_asr_corpus(tmp_path / "corpus", n=4, wav_every=0)
+    bad = [*records, {**records[1]}, {**records[2], "id": "ghost", "audio": "audio/missing.flac"}]
+    with caplog.at_level(logging.WARNING):
+        index = write_shards(bad, manifest.parent, tmp_path / "out", prefix="p", progress=False)
+    assert index["num_samples"] == 4
+    assert index["parts"]["p"]["skipped"] == {"duplicate_id": 1, "unreadable_audio": 1}
+    assert "missing.flac" in caplog.text
+    with pytest.raises(Exception, match=r"missing\.flac.*no such file"):
+        write_shards(bad[-1:], manifest.parent, tmp_path / "out2", prefix="p", progress=False, strict=True)
+    with pytest.raises(ValueError):
+        write_shards(records, manifest.parent, tmp_path / "out3", prefix="a.b", progress=False)
+
+
+def test_write_and_decode_spoken_qa(tmp_path):
+    root = tmp_path / "qa"
+    (root / "audio").mkdir(parents=True)
+    records = []
+    for d in range(3):
+        turns = []
+        for k in range(2):
+            rel = f"audio/q{d}-t{k}.flac"
+            wav = tone(0.5 + 0.2 * k, SR, seed=10 * d + k)
+            sf.write(root / rel, wav, SR, subtype="PCM_16")
+            turns.append(
+                {
+                    "question": f"what is {d} plus {k}?",
+                    "answer": f"It is {d + k}.",
+                    "gold": [str(d + k)],
+                    "family": "arith",
+                    "audio": rel,
+                    "duration": len(wav) / SR,
+                    "sample_rate": SR,
+                }
+            )
+        records.append({"id": f"dlg{d}", "speaker": "s1", "language": "en", "split": "dev", "turns": turns})
+    manifest = root / "qa.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "qa_shards"
+    index = write_shards(read_jsonl_manifest(manifest), root, out, prefix="qa", progress=False)
+    assert index["num_samples"] == 3 and index["kinds"] == ["spoken_qa"]
+    assert index["hours"] == pytest.approx(sum(t["duration"] for r in records for t in r["turns"]) / 3600, rel=1e-4)
+    assert tar_members(out / "qa-000000.tar")[:3] == ["dlg0.json", "dlg0.t0.flac", "dlg0.t1.flac"]
+    raw = raw_samples(out)
+    sample = decode_sample(raw[0], kind="spoken_qa")
+    assert len(sample["turns"]) == 2
+    turn = sample["turns"][1]
+    assert turn["sr"] == 16000 and turn["wav"].dtype == np.float32
+    assert abs(turn["wav"].shape[0] - 0.7 * 16000) <= 2
+    assert turn["question"] == "what is 0 plus 1?" and turn["gold"] == ["1"] and turn["family"] == "arith"
+    meta_turn = json.loads(raw[0]["json"])["turns"][0]
+    assert "audio" not in meta_turn and meta_turn["num_samples"] == round(0.5 * SR)
+    with pytest.raises(ValueError, match="spoken_qa"):
+        decode_sample(raw[0], kind="asr")
+    compute_fbank(sample)
+    assert [t["feats"].shape[1] for t in sample["turns"]] == [80, 80]
+
+
+# ================================================================================================ readers
+
+
+def test_read_kaldi_dir_round_trip(tmp_path, caplog):
+    manifest, records = make_asr_corpus(tmp_path / "corpus", n=6)
+    kdir = tmp_path / "data" / "train"
+    kdir.mkdir(parents=True)
+    ids = [make_key(r["id"]) for r in records]
+    (kdir / "wav.scp").write_text("".join(f"{u} {r['audio']}\n" for u, r in zip(ids, records)))
+    (kdir / "text").write_text("".join(f"{u} {r['text']}\n" for u, r in list(zip(ids, records))[:-1]))  # last: none
+    (kdir / "utt2spk").write_text("".join(f"{u} {r['speaker']}\n" for u, r in zip(ids, records)))
+    with caplog.at_level(logging.WARNING):
+        krecords = list(read_kaldi_dir(kdir, audio_root=manifest.parent, language="en"))
+    assert [r["id"] for r in krecords] == ids[:-1]
+    assert "1 of 6 utterances" in caplog.text and ids[-1] in caplog.text
+    assert krecords[1]["speaker"] == records[1]["speaker"] and krecords[1]["text"] == records[1]["text"]
+    assert Path(krecords[1]["audio"]).is_absolute()
+
+    index = write_shards(krecords, tmp_path, tmp_path / "kshards", prefix="k", progress=False)
+    assert index["num_samples"] == 5 and index["speakers"] == 3
+    assert index["hours"] == pytest.approx(sum(r["duration"] for r in records[:-1]) / 3600, rel=1e-4)
+
+    (kdir / "wav.scp").write_text(f"{ids[0]} sox in.wav -t wav - |\n")
+    with pytest.raises(ValueError, match="pipe"):
+        list(read_kaldi_dir(kdir))
+    (kdir / "wav.scp").write_text(f"{ids[0]} a.flac\n{ids[0]} b.flac\n")
+    with pytest.raises(ValueError, match="duplicate"):
+        list(read_kaldi_dir(kdir))
+    with pytest.raises(FileNotFoundError, match=r"wav\.scp"):
+        list(read_kaldi_dir(tmp_path))
+
+
+def test_read_jsonl_manifest_errors(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"id": "a", "audio": "x.flac"}\n\n{"id": "b", "audio": \n')
+    with pytest.raises(ValueError, match=r"m\.jsonl:3"):
+        list(read_jsonl_manifest(path))
+    path.write_text('{"id": "a"}\n')
+    with pytest.raises(ValueError, match="neither"):
+        list(read_jsonl_manifest(path))
+
+
+def test_resolve_shards(tmp_path):
+    manifest, _ = make_asr_corpus(tmp_path / "corpus", n=6)
+    out = tmp_path / "s"
+    write_shards(read_jsonl_manifest(manifest), manifest.parent, out, prefix="x", max_shard_samples=2, progress=False)
+    expected = [str(out / f"x-{i:06d}.tar") for i in range(3)]
+    assert resolve_shards(out) == expected
+    assert resolve_shards(f"{out}/x-{{000000..000002}}.tar") == expected
+    assert resolve_shards(f"{out}/x-*.tar") == expected
+    assert resolve_shards([expected[0], expected[2]]) == [expected[0], expected[2]]
+    with pytest.raises(FileNotFoundError):
+        resolve_shards(f"{out}/x-{{000000..000005}}.tar")
+    with pytest.raises(FileNotFoundError):
+        resolve_shards(tmp_path / "corpus" / "audio")
+
+
+# ================================================================================================ processors
+
+
+def _asr_raw(
+    key: str, wav: np.ndarray | None, text: str = "hello", duration: float | None = None, flac: bytes | None = None
+) -> dict:
+    if flac is None and wav is not None:
+        flac = encode_flac(wav, SR)
+    meta = {
+        "id": key,
+        "text": text,
+        "speaker": "s",
+        "language": "en",
+        "sample_rate": SR,
+        "duration": duration if duration is not None else (len(wav) / SR if wav is not None else 1.0),
+    }
+    raw = {"__key__": key, "__url__": "mem", "json": json.dumps(meta).encode()}
+    if flac is not None:
+        raw["flac"] = flac
+    return raw
+
+
+def test_processors_individually():
+    wav = tone(1.0)
+    sample = decode_sample(_asr_raw("a", wav))
+    assert sample["sr"] == 16000 and abs(sample["wav"].shape[0] - 16000) <= 1 and sample["text"] == "hello"
+    assert sample["duration"] == pytest.approx(1.0)
+    assert filter_sample(sample, min_duration_s=0.5, max_duration_s=2.0) is sample
+    feats = compute_fbank(sample)["feats"]
+    assert isinstance(feats, torch.Tensor) and feats.shape == (98, 80)
+    check_frames(sample, max_frames_per_batch=98)
+
+    cases = {
+        "too_many_frames": lambda: check_frames(sample, max_frames_per_batch=97),
+        "too_short": lambda: filter_sample(sample, min_duration_s=1.5, max_duration_s=2.0),
+        "too_long": lambda: filter_sample(sample, min_duration_s=0.1, max_duration_s=0.5),
+        "empty_text": lambda: filter_sample(
+            decode_sample(_asr_raw("b", wav, text="  ")), min_duration_s=0, max_duration_s=9
+        ),
+        "duration_mismatch": lambda: decode_sample(_asr_raw("c", wav, duration=1.2)),
+        "missing_audio": lambda: decode_sample(_asr_raw("d", None)),
+        "bad_json": lambda: decode_sample({"__key__": "e", "json": b"{oops", "flac": b""}),
+        "decode_error": lambda: decode_sample(_asr_raw("f", None, flac=b"fLaC" + b"\x00" * 64)),
+    }
+    for reason, call in cases.items():
+        with pytest.raises(SkipSample) as info:
+            call()
+        assert info.value.reason == reason
+    # within the 10 % tolerance passes
+    assert decode_sample(_asr_raw("g", wav, duration=1.08))["duration"] == pytest.approx(1.0)
+
+
+def corrupt_flac(wav: np.ndarray) -> bytes:
+    data = bytearray(encode_flac(wav, SR))
+    data[len(data) // 3 : len(data) // 3 + 200] = b"\x00" * 200
+    return bytes(data)
+
+
+def write_bad_shard(path: Path, n_good: int = 10, tag: str = "a") -> tuple[list[str], Counter]:
+    """A shard mixing good samples with one of each kind of bad sample; returns (good keys, expected skips)."""
+    good, expected = [], Counter()
+    entries = []
+    for i in range(n_good):
+        entries.append(_asr_raw(f"{tag}good{i:02d}", tone(0.5 + 0.1 * i, seed=i)))
+        good.append(f"{tag}good{i:02d}")
+    wav = tone(1.5, seed=99)
+    full = encode_flac(wav, SR)
+    bad = [
+        ("decode_error", _asr_raw(f"{tag}corrupt", wav, flac=corrupt_flac(wav))),
+        ("decode_error", _asr_raw(f"{tag}truncated", wav, flac=full[: len(full) // 2])),
+        ("empty_text", _asr_raw(f"{tag}empty", wav, text="")),
+        ("duration_mismatch", _asr_raw(f"{tag}absurd", wav, duration=9999.0)),
+        ("too_long", _asr_raw(f"{tag}toolong", tone(4.0, seed=5))),
+        ("too_short", _asr_raw(f"{tag}tooshort", tone(0.05, seed=6))),
+    ]
+    for reason, raw in bad:
+        expected[reason] += 1
+        entries.insert(len(entries) // 2 + len(expected), raw)
+    with wds.TarWriter(str(path), encoder=False) as tar:
+        for raw in entries:
+            tar.write({k: v for k, v in raw.items() if k != "__url__"})
+    return good, expected
+
+
+def _stages(max_duration_s: float = 3.0, min_duration_s: float = 0.1):
+    return partial(build_stages, kind="asr", min_duration_s=min_duration_s, max_duration_s=max_duration_s)
+
+
+def _merge_skips(batches) -> Counter:
+    total = Counter()
+    for b in batches:
+        total.update(b["skipped"])
+    # a truncated FLAC may be reported as "truncated" by other libsndfile versions
+    total["decode_error"] += total.pop("truncated", 0)
+    return total
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_bad_samples_are_skipped_and_counted(tmp_path, caplog, num_workers):
+    good, expected = write_bad_shard(tmp_path / "bad-000000.tar")
+    good2, expected2 = write_bad_shard(tmp_path / "bad-000001.tar", n_good=4, tag="b")
+    ds = ShardDataset(
+        resolve_shards(tmp_path),
+        stages_factory=_stages(),
+        max_frames_per_batch=400,
+        bucket_buffer=8,
+        shuffle=True,
+        shuffle_buffer=5,
+    )
+    with caplog.at_level(logging.WARNING):
+        batches = list(DataLoader(ds, batch_size=None, num_workers=num_workers))
+    keys = [k for b in batches for k in b["keys"]]
+    assert sorted(keys) == sorted(set(good) | set(good2)) and len(keys) == len(good) + len(good2)
+    assert _merge_skips(batches) == expected + expected2
+    if num_workers == 0:
+        assert "absurd" in caplog.text and "duration_mismatch" in caplog.text
+
+
+def test_skip_counter_rate_limits_logging(caplog):
+    counter = SkipCounter(log_first=2, log_every=5)
+    with caplog.at_level(logging.WARNING):
+        for i in range(10):
+            counter.add("decode_error", f"k{i}")
+    assert len(caplog.records) == 4  # 1, 2, 5, 10
+    assert counter.pop_delta() == {"decode_error": 10} and counter.pop_delta() == {}
+    assert counter.handle_exception(RuntimeError("boom")) is True
+    assert counter.totals["tar_error"] == 1
+
+
+# ================================================================================================ batching
+
+
+def test_bucket_batches_respect_budget():
+    rng = np.random.default_rng(0)
+    samples = [{"key": str(i), "feats": torch.zeros(int(n), 80)} for i, n in enumerate(rng.integers(20, 400, 203))]
+    for budget, max_bs in [(1000, None), (400, None), (3000, 4)]:
+        batches = list(
+            bucket_batches(
+                iter(samples),
+                bucket_buffer=32,
+                max_frames_per_batch=budget,
+                max_batch_size=max_bs,
+                rng=__import__("random").Random(1),
+            )
+        )
+        seen = [s["key"] for b in batches for s in b]
+        assert sorted(seen) == sorted(s["key"] for s in samples)
+        for b in batches:
+            assert len(b) * max(s["feats"].shape[0] for s in b) <= budget
+            assert max_bs is None or len(b) <= max_bs
+        collated = collate_asr(
+            [{**s, "text": "t", "speaker": "s", "language": None, "duration": 1.0} for s in batches[0]]
+        )
+        assert collated["feats"].shape == (len(batches[0]), int(collated["feats_lens"].max()), 80)
+
+
+# ================================================================================================ node / worker split
+
+
+def test_node_and_worker_split_cover_all_keys_once(tmp_path, monkeypatch):
+    manifest, records = make_asr_corpus(tmp_path / "corpus", n=24, wav_every=0)
+    out = tmp_path / "shards"
+    write_shards(read_jsonl_manifest(manifest), manifest.parent, out, prefix="t", max_shard_samples=3, progress=False)
+    shards = resolve_shards(out)
+    assert len(shards) == 8
+    all_keys = sorted(make_key(r["id"]) for r in records)
+
+    def read(num_workers: int, **kw) -> list[str]:
+        ds = ShardDataset(
+            shards,
+            stages_factory=_stages(),
+            max_frames_per_batch=2000,
+            bucket_buffer=6,
+            shuffle=True,
+            shuffle_buffer=4,
+            seed=3,
+            **kw,
+        )
+        return [k for b in DataLoader(ds, batch_size=None, num_workers=num_workers) for k in b["keys"]]
+
+    # explicit rank / world_size, 2 workers per rank
+    per_rank = [read(2, rank=r, world_size=2) for r in range(2)]
+    assert all(per_rank) and not set(per_rank[0]) & set(per_rank[1])
+    assert sorted(per_rank[0] + per_rank[1]) == all_keys
+
+    # WebDataset's own detection (RANK / WORLD_SIZE environment), single process
+    env_keys = []
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        env_keys.append(read(0))
+    assert sorted(env_keys[0] + env_keys[1]) == all_keys and not set(env_keys[0]) & set(env_keys[1])
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+
+    # epoch_batches equalises ranks; resampled draws shards with replacement
+    ds = ShardDataset(
+        shards,
+        stages_factory=_stages(),
+        max_frames_per_batch=2000,
+        bucket_buffer=6,
+        shuffle=True,
+        resampled=True,
+        epoch_batches=7,
+        rank=1,
+        world_size=2,
+    )
+    assert len(list(ds)) == 7
+    with pytest.raises(ValueError, match="epoch_batches"):
+        ShardDataset(shards, stages_factory=_stages(), max_frames_per_batch=2000, resampled=True)

@@ -1,0 +1,85 @@
+"""The shared stage mechanics: freezing, trainable-only checkpoints, size checks."""
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from modules.config import load_config
+from modules.training import StageModule, make_optimizer
+
+
+class TwoParts(StageModule):
+    def __init__(self, cfg, width=8):
+        super().__init__(cfg)
+        self.encoder = nn.Sequential(nn.Linear(4, width), nn.Dropout(0.5), nn.LayerNorm(width))
+        self.head = nn.Linear(width, 3)
+
+    def components(self):
+        return {"encoder": self.encoder, "head": self.head}
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.head(self.encoder(x)), y)
+
+    def configure_optimizers(self):
+        return make_optimizer(self, self.cfg.optim, 10)
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    return load_config(["stage=llm_text", "experiment=tiny", f"run_root={tmp_path}"])
+
+
+def _module(cfg, trainable, width=8):
+    m = TwoParts(cfg, width)
+    m.apply_freezing(trainable)
+    return m
+
+
+def test_frozen_weights_unchanged_trainable_ones_get_gradients(cfg):
+    m = _module(cfg, ["head"])
+    before = {k: v.clone() for k, v in m.encoder.state_dict().items()}
+    data = torch.utils.data.TensorDataset(torch.randn(16, 4), torch.randint(0, 3, (16,)))
+    grads = {}
+
+    class Grab(L.Callback):
+        def on_before_optimizer_step(self, trainer, module, optimizer):
+            grads.update({n: p.grad is not None and p.grad.abs().sum() > 0 for n, p in module.named_parameters()})
+
+    L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[Grab()]).fit(
+        m, torch.utils.data.DataLoader(data, batch_size=8)
+    )
+    for k, v in m.encoder.state_dict().items():
+        assert torch.equal(v, before[k]), k  # bit-identical
+    assert all(grads[n] for n in grads if n.startswith("head."))
+    assert not any(grads[n] for n in grads if n.startswith("encoder."))
+    m.train()
+    assert not m.encoder.training and m.head.training  # frozen stays in eval mode
+
+
+def test_checkpoint_holds_trainable_weights_and_config(cfg, tmp_path):
+    m = _module(cfg, ["head"])
+    ckpt = {}
+    m.on_save_checkpoint(ckpt)
+    assert set(ckpt["state_dict"]) == {"head.weight", "head.bias"}
+    assert ckpt["run_config"]["stage"]["name"] == "llm_text"
+    torch.save(ckpt, tmp_path / "c.pt")
+    loaded = torch.load(tmp_path / "c.pt", weights_only=True)
+    _module(cfg, ["head"]).on_load_checkpoint(loaded)  # accepted
+
+
+def test_incompatible_checkpoint_names_both_sizes(cfg):
+    ckpt = {}
+    _module(cfg, ["head", "encoder"], width=8).on_save_checkpoint(ckpt)
+    with pytest.raises(ValueError, match=r"head.weight: checkpoint \(3, 8\) vs model \(3, 16\)"):
+        _module(cfg, ["head", "encoder"], width=16).on_load_checkpoint(ckpt)
+    partial = {}
+    _module(cfg, ["head"]).on_save_checkpoint(partial)
+    with pytest.raises(ValueError, match=r"lacks trainable weights.*encoder"):
+        _module(cfg, ["head", "encoder"]).on_load_checkpoint(partial)
+
+
+def test_unknown_trainable_component_is_an_error(cfg):
+    with pytest.raises(ValueError, match=r"unknown components \['adapter'\].*\['encoder', 'head'\]"):
+        _module(cfg, ["adapter"])

@@ -1,0 +1,319 @@
+"""Build the offline synthetic speech corpus (ASR utterances + spoken-QA questions) with eSpeak NG.
+
+Usage::
+
+    python -m tools.make_corpus --out data/tiny --seed 1234 [--n-asr 3000] [--workers 2]
+
+Layout written under ``--out``::
+
+    audio/asr/<split>/<id>.flac          one ASR utterance (22050 Hz, PCM_16 FLAC)
+    audio/qa/<split>/<id>-t<k>.flac      the spoken question of turn k (0-based) of a QA dialogue
+    manifests/asr_<split>.jsonl          {"id","audio","text","speaker","language","duration","sample_rate","split"}
+    manifests/qa_<split>.jsonl           {"id","speaker","language","split","turns":[{..., "audio","duration","sample_rate"}]}
+    manifests/voices.json                the voices of each split and the assistant voice
+    corpus_stats.json                    utterances, hours and voices per split
+
+Splits are by speaker: dev/test utterances and dialogues only use dev/test voices, which never
+occur in training. Everything is a deterministic function of the seed: the same seed gives
+byte-identical manifests whatever the number of workers (the eSpeak driver makes each utterance
+depend only on its text and voice, and outputs are sorted by id). Audio is written at eSpeak's
+native 22050 Hz; resampling is left to the feature pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import random
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+from tqdm import tqdm
+
+from datamodules.sentences import generate_sentences
+from datamodules.voices import SPLITS, Voice, build_voices, voices_to_json
+
+# Share of the ASR utterances that go to dev and to test (the rest is train).
+ASR_HELDOUT_FRACTION = {"dev": 0.1, "test": 0.1}
+LANGUAGE = "en"
+_SAFE_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+QABuilder = Callable[[int], dict[str, list[dict]]]
+
+# One synthesis job: (key, text, voice as a dict, absolute output path). Plain tuples pickle fast.
+Job = tuple[str, str, dict[str, Any], str]
+
+
+# --- Worker side ---------------------------------------------------------------------------------
+_TTS: Any = None  # the worker process's ESpeak instance (one per process: the library is global)
+
+
+def _init_worker() -> None:
+    """Pool initializer: load eSpeak once in this worker process."""
+    global _TTS
+    from datamodules.espeak import ESpeak
+
+    _TTS = ESpeak()
+
+
+def _synthesize_job(job: Job) -> tuple[str, int, int]:
+    """Synthesize one utterance, write it as 16-bit FLAC; return ``(key, n_samples, sample_rate)``."""
+    key, text, voice, path = job
+    if _TTS is None:
+        _init_worker()
+    audio = _TTS.synthesize(text, Voice.from_dict(voice))
+    # eSpeak produces int16 samples; convert back exactly instead of letting libsndfile rescale.
+    pcm = np.clip(np.round(audio * 32768.0), -32768, 32767).astype(np.int16)
+    sf.write(path, pcm, _TTS.sample_rate, format="FLAC", subtype="PCM_16")
+    return key, int(pcm.shape[0]), int(_TTS.sample_rate)
+
+
+def _run_jobs(jobs: Sequence[Job], workers: int, progress: bool) -> dict[str, tuple[int, int]]:
+    """Run all jobs (in a process pool when ``workers > 1``); return ``{key: (n_samples, sr)}``."""
+    results: dict[str, tuple[int, int]] = {}
+    bar = tqdm(total=len(jobs), desc="synthesizing", unit="utt", disable=not progress, smoothing=0.05)
+    try:
+        if workers <= 1 or len(jobs) < 2:
+            _init_worker()
+            outputs: Iterable[tuple[str, int, int]] = map(_synthesize_job, jobs)
+            for key, n, sr in outputs:
+                results[key] = (n, sr)
+                bar.update()
+            return results
+        # "spawn" rather than fork: the caller may have torch (threads) or eSpeak already loaded.
+        ctx = mp.get_context("spawn")
+        chunksize = max(1, min(64, len(jobs) // (workers * 16)))
+        with ctx.Pool(processes=workers, initializer=_init_worker) as pool:
+            # Completion order does not matter: results are keyed and sorted afterwards.
+            for key, n, sr in pool.imap_unordered(_synthesize_job, jobs, chunksize=chunksize):
+                results[key] = (n, sr)
+                bar.update()
+        return results
+    finally:
+        bar.close()
+
+
+# --- Corpus planning -----------------------------------------------------------------------------
+def _split_sizes(n: int) -> dict[str, int]:
+    """Split ``n`` utterances roughly 80/10/10 into train/dev/test."""
+    dev = round(n * ASR_HELDOUT_FRACTION["dev"])
+    test = round(n * ASR_HELDOUT_FRACTION["test"])
+    return {"train": n - dev - test, "dev": dev, "test": test}
+
+
+def _balanced_assignment(voices: Sequence[Voice], n: int, rng: random.Random) -> list[Voice]:
+    """``n`` voices with (almost) equal use of each voice, in random order."""
+    if n and not voices:
+        raise ValueError("no voices to assign")
+    assigned = [voices[i % len(voices)] for i in range(n)]
+    rng.shuffle(assigned)
+    return assigned
+
+
+def _plan_asr(seed: int, n_asr: int, voices: dict[str, list[Voice]]) -> dict[str, list[dict[str, Any]]]:
+    """ASR utterances per split: ``{"id", "text", "voice"}`` (transcripts are distinct across splits)."""
+    rng = random.Random(f"asr:{seed}")
+    sentences = generate_sentences(n_asr, rng)
+    plan: dict[str, list[dict[str, Any]]] = {}
+    start = 0
+    for split, size in _split_sizes(n_asr).items():
+        texts = sentences[start : start + size]
+        start += size
+        assigned = _balanced_assignment(voices[split], size, rng)
+        plan[split] = [
+            {"id": f"asr-{split}-{i:06d}", "text": text, "voice": voice}
+            for i, (text, voice) in enumerate(zip(texts, assigned))
+        ]
+    return plan
+
+
+def _plan_qa(seed: int, voices: dict[str, list[Voice]], qa_builder: QABuilder) -> dict[str, list[dict[str, Any]]]:
+    """QA dialogues per split, each with one user voice of the same split."""
+    dialogues = qa_builder(seed)
+    missing = [s for s in SPLITS if s not in dialogues]
+    if missing:
+        raise ValueError(f"the QA builder returned no {missing} split(s); got keys {sorted(dialogues)}")
+    rng = random.Random(f"qa-voices:{seed}")
+    plan: dict[str, list[dict[str, Any]]] = {}
+    seen: set[str] = set()
+    for split in SPLITS:
+        items = dialogues[split]
+        assigned = _balanced_assignment(voices[split], len(items), rng)
+        plan[split] = []
+        for dialogue, voice in zip(items, assigned):
+            did = str(dialogue["id"])
+            if not _SAFE_ID.match(did) or did in seen:
+                raise ValueError(f"QA dialogue id {did!r} is not a unique file-name-safe id")
+            seen.add(did)
+            if not dialogue.get("turns"):
+                raise ValueError(f"QA dialogue {did!r} has no turns")
+            plan[split].append({"id": did, "turns": dialogue["turns"], "voice": voice})
+    return plan
+
+
+# --- Writing -------------------------------------------------------------------------------------
+def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
+def _hours(seconds: float) -> float:
+    return round(seconds / 3600.0, 4)
+
+
+def make_corpus(
+    out_dir: str | Path,
+    seed: int = 1234,
+    n_asr: int = 3000,
+    workers: int = 2,
+    *,
+    include_qa: bool = True,
+    qa_builder: QABuilder | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Synthesize the corpus into ``out_dir`` and return its statistics.
+
+    ``qa_builder(seed) -> {"train"|"dev"|"test": [dialogue, ...]}`` defaults to
+    ``datamodules.qa.build_qa_splits`` (imported only when needed); ``include_qa=False`` skips the
+    spoken-QA part. Existing ``audio/asr`` and ``audio/qa`` folders under ``out_dir`` are replaced.
+    The returned dict is the content of ``corpus_stats.json`` plus ``elapsed_s`` (wall time).
+    """
+    t0 = time.perf_counter()
+    if n_asr < 0:
+        raise ValueError(f"n_asr must be >= 0, got {n_asr}")
+    out = Path(out_dir)
+    voices = build_voices(seed)
+
+    asr_plan = _plan_asr(seed, n_asr, voices)
+    qa_plan: dict[str, list[dict[str, Any]]] = {}
+    if include_qa:
+        if qa_builder is None:
+            from datamodules.qa import build_qa_splits  # lazy: heavy/optional dependency
+
+            qa_builder = build_qa_splits
+        qa_plan = _plan_qa(seed, voices, qa_builder)
+
+    # Fresh audio folders so that no stale file from an earlier, larger run survives.
+    for kind in ("asr", "qa"):
+        shutil.rmtree(out / "audio" / kind, ignore_errors=True)
+        for split in SPLITS:
+            (out / "audio" / kind / split).mkdir(parents=True, exist_ok=True)
+    (out / "manifests").mkdir(parents=True, exist_ok=True)
+
+    jobs: list[Job] = []
+    for split, utts in asr_plan.items():
+        for u in utts:
+            rel = f"audio/asr/{split}/{u['id']}.flac"
+            u["audio"] = rel
+            jobs.append((rel, u["text"], u["voice"].to_dict(), str(out / rel)))
+    for split, dialogues in qa_plan.items():
+        for d in dialogues:
+            d["audio"] = []
+            for k, turn in enumerate(d["turns"]):
+                rel = f"audio/qa/{split}/{d['id']}-t{k}.flac"
+                d["audio"].append(rel)
+                jobs.append((rel, str(turn["question"]), d["voice"].to_dict(), str(out / rel)))
+
+    results = _run_jobs(jobs, workers, progress)
+    rates = {sr for _, sr in results.values()}
+    if len(rates) > 1:
+        raise RuntimeError(f"inconsistent sample rates across workers: {sorted(rates)}")
+    sample_rate = rates.pop() if rates else 0
+
+    def duration(rel: str) -> float:
+        return round(results[rel][0] / sample_rate, 4)
+
+    stats: dict[str, Any] = {"seed": seed, "sample_rate": sample_rate, "asr": {}, "qa": {}}
+    for split in SPLITS:
+        rows = [
+            {
+                "id": u["id"],
+                "audio": u["audio"],
+                "text": u["text"],
+                "speaker": u["voice"].voice_id,
+                "language": LANGUAGE,
+                "duration": duration(u["audio"]),
+                "sample_rate": sample_rate,
+                "split": split,
+            }
+            for u in sorted(asr_plan[split], key=lambda u: u["id"])
+        ]
+        _write_jsonl(out / "manifests" / f"asr_{split}.jsonl", rows)
+        stats["asr"][split] = {
+            "utterances": len(rows),
+            "hours": _hours(sum(r["duration"] for r in rows)),
+            "voices": len({r["speaker"] for r in rows}),
+        }
+
+        if not include_qa:
+            continue
+        dialogue_rows = []
+        for d in sorted(qa_plan[split], key=lambda d: d["id"]):
+            turns = []
+            for turn, rel in zip(d["turns"], d["audio"]):
+                # Keep every field of the QA turn (question, answer, gold, family, ...).
+                turns.append({**turn, "audio": rel, "duration": duration(rel), "sample_rate": sample_rate})
+            dialogue_rows.append(
+                {"id": d["id"], "speaker": d["voice"].voice_id, "language": LANGUAGE, "split": split, "turns": turns}
+            )
+        _write_jsonl(out / "manifests" / f"qa_{split}.jsonl", dialogue_rows)
+        stats["qa"][split] = {
+            "dialogues": len(dialogue_rows),
+            "utterances": sum(len(d["turns"]) for d in dialogue_rows),
+            "hours": _hours(sum(t["duration"] for d in dialogue_rows for t in d["turns"])),
+            "voices": len({d["speaker"] for d in dialogue_rows}),
+        }
+
+    stats["total"] = {
+        "utterances": len(jobs),
+        "hours": round(sum(s["hours"] for part in ("asr", "qa") for s in stats[part].values()), 4),
+        "voices": sum(len(v) for v in voices.values()),
+    }
+    _write_json(out / "manifests" / "voices.json", voices_to_json(voices))
+    _write_json(out / "corpus_stats.json", stats)
+    return {**stats, "elapsed_s": round(time.perf_counter() - t0, 2)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="output directory, e.g. data/tiny")
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--n-asr", type=int, default=3000, help="number of ASR utterances")
+    parser.add_argument("--workers", type=int, default=2, help="synthesis processes (1 = no pool)")
+    parser.add_argument("--no-qa", action="store_true", help="skip the spoken-QA dialogues")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+
+    stats = make_corpus(
+        args.out,
+        seed=args.seed,
+        n_asr=args.n_asr,
+        workers=args.workers,
+        include_qa=not args.no_qa,
+        progress=not args.quiet,
+    )
+    for part in ("asr", "qa"):
+        for split, s in stats[part].items():
+            print(
+                f"{part:3s} {split:5s}: {s['utterances']:6d} utterances, {s['hours']:7.3f} h, {s['voices']:2d} voices",
+                file=sys.stderr,
+            )
+    print(f"wrote {args.out} in {stats['elapsed_s']:.1f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Build the tiny corpus in one command: synthesize, write shards, compute CMVN stats.
+
+    python -m tools.prepare_corpus --out data/tiny [--seed 1234] [--n-asr 3000] [--workers 2] [--force]
+
+1. `tools.make_corpus` synthesizes the eSpeak NG corpus (audio + JSONL manifests).
+2. Every manifest goes through the shard writer used for real corpora
+   (`datamodules.shards.write_shards`), so the real-data path runs on every build.
+3. Global CMVN stats of the ASR training fbank are written to `<out>/cmvn.json`.
+
+A finished corpus (its `prepared.json` matches the requested settings) is left as it is
+unless `--force` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+from datamodules.corpus import KINDS, SPLITS, manifest_path, shard_dir
+from datamodules.shards import read_jsonl_manifest, write_shards
+from tools.compute_cmvn import compute_cmvn
+from tools.make_corpus import make_corpus
+
+
+def prepare_corpus(
+    out: Path,
+    seed: int = 1234,
+    n_asr: int = 3000,
+    workers: int = 2,
+    shard_max_mb: int = 64,
+    force: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Returns the summary also written to `<out>/prepared.json`."""
+    out = Path(out)
+    settings = {"seed": seed, "n_asr": n_asr, "shard_max_mb": shard_max_mb}
+    done = out / "prepared.json"
+    if done.is_file() and not force:
+        summary = json.loads(done.read_text())
+        if summary.get("settings") == settings:
+            print(f"corpus already prepared in {out} (use --force to rebuild)")
+            return summary
+    t0 = time.perf_counter()
+    stats = make_corpus(out, seed=seed, n_asr=n_asr, workers=workers, progress=progress)
+    t_synth = time.perf_counter() - t0
+
+    indexes = {}
+    for kind in KINDS:
+        for split in SPLITS:
+            manifest = manifest_path(out, kind, split)
+            records = list(read_jsonl_manifest(manifest))
+            index = write_shards(
+                records, out, shard_dir(out, kind, split), prefix=f"{kind}-{split}",
+                max_shard_bytes=shard_max_mb * 2**20, total=len(records), progress=progress,
+            )  # fmt: skip
+            indexes[f"{kind}/{split}"] = {k: index[k] for k in ("num_samples", "hours")} | {
+                "shards": len(index["shards"])
+            }
+    t_shards = time.perf_counter() - t0 - t_synth
+
+    cmvn, used, skipped = compute_cmvn(str(shard_dir(out, "asr", "train")), progress=progress)
+    cmvn.save(out / "cmvn.json")
+    summary = {
+        "settings": settings,
+        "corpus": {k: v for k, v in stats.items() if k != "elapsed_s"},
+        "shards": indexes,
+        "cmvn": {"utterances": used, "frames": cmvn.frame_num, "skipped": skipped},
+        "wall_s": {
+            "synthesis": round(t_synth, 1),
+            "shards": round(t_shards, 1),
+            "cmvn": round(time.perf_counter() - t0 - t_synth - t_shards, 1),
+            "total": round(time.perf_counter() - t0, 1),
+        },
+    }
+    done.write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path("data/tiny"))
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--n-asr", type=int, default=3000)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--shard-max-mb", type=int, default=64)
+    p.add_argument("--force", action="store_true", help="rebuild even if the corpus is already prepared")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    s = prepare_corpus(args.out, args.seed, args.n_asr, args.workers, args.shard_max_mb, args.force, not args.quiet)
+    print(json.dumps({"shards": s["shards"], "wall_s": s["wall_s"]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
