@@ -1,15 +1,7 @@
-"""WebDataset shards: manifest readers, the shard writer, per-sample processors and the streaming dataset.
+"""WebDataset shards, reading side: shard lists, per-sample processors, batching and the streaming dataset.
 
-Shard layout (one tar member per file, keys never contain dots)::
-
-    <key>.flac            ASR sample: FLAC PCM_16 at the source rate (mono)
-    <key>.json            metadata: every manifest field except audio paths, plus sample_rate,
-                          duration (s) and num_samples of the stored audio
-    <key>.t0.flac, ...    spoken-QA sample: question audio of turn i; <key>.json keeps the turns'
-                          text/metadata (each turn with sample_rate / duration / num_samples)
-
-``<out_dir>/index.json`` lists the shards: ``{"shards": [{"path", "num_samples", "hours"}],
-"num_samples", "hours", "speakers", ...}``.
+Shards are written by :mod:`datamodules.shard_writer` (which documents the layout) from records
+read by :mod:`datamodules.manifests`.
 
 Reading is a chain of small per-sample functions in the style of WeNet's ``processor.py``, each
 usable alone: :func:`decode_sample` -> :func:`filter_sample` -> :func:`compute_fbank` ->
@@ -28,7 +20,6 @@ import logging
 import math
 import os
 import random
-import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
@@ -39,14 +30,11 @@ import numpy as np
 import torch
 import webdataset as wds
 from torch.nn.utils.rnn import pad_sequence
-from tqdm.auto import tqdm
 
 from datamodules.audio import (
     INPUT_SAMPLE_RATE,
     AudioDecodeError,
     TruncatedAudioError,
-    audio_info,
-    encode_flac,
     load_audio,
     resample,
 )
@@ -56,8 +44,6 @@ log = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"
 SHARD_DIGITS = 6
-DEFAULT_MAX_SHARD_BYTES = 64 * 1024 * 1024
-DEFAULT_MAX_SHARD_SAMPLES = 10_000
 AUDIO_EXTENSIONS = ("flac", "wav")
 
 # Skip reasons (keys of SkipCounter / batch["skipped"]).
@@ -77,334 +63,8 @@ Stage = Callable[[Sample], Sample]
 
 
 # ================================================================================================
-# Manifest readers
+# Shard lists
 # ================================================================================================
-
-
-def read_jsonl_manifest(path: str | os.PathLike) -> Iterator[dict]:
-    """Yield the records of a JSONL manifest (blank lines ignored).
-
-    ASR lines hold ``{"id", "audio", "text", "speaker", "language", "duration", "sample_rate",
-    "split"}``; spoken-QA lines hold ``{"id", "speaker", "language", "split", "turns": [{"question",
-    "answer", "gold", "family", "audio", "duration", "sample_rate"}]}``. Audio paths are relative to
-    the corpus root given to :func:`write_shards`. Raises ``ValueError`` naming the file and line of
-    an invalid record.
-    """
-    path = Path(path)
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exn:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({exn})") from exn
-            if not isinstance(record, dict) or "id" not in record:
-                raise ValueError(f"{path}:{lineno}: a record must be a JSON object with an 'id'")
-            if "audio" not in record and "turns" not in record:
-                raise ValueError(f"{path}:{lineno}: record {record['id']!r} has neither 'audio' nor 'turns'")
-            if "turns" in record and any("audio" not in t for t in record["turns"]):
-                raise ValueError(f"{path}:{lineno}: record {record['id']!r} has a turn without 'audio'")
-            yield record
-
-
-def _read_kaldi_table(path: Path) -> dict[str, str]:
-    table: dict[str, str] = {}
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\n")
-            if not line.strip():
-                continue
-            parts = line.strip().split(maxsplit=1)
-            utt = parts[0]
-            if utt in table:
-                raise ValueError(f"{path}:{lineno}: duplicate utterance id {utt!r}")
-            table[utt] = parts[1].strip() if len(parts) > 1 else ""
-    return table
-
-
-def read_kaldi_dir(
-    data_dir: str | os.PathLike, audio_root: str | os.PathLike | None = None, language: str | None = None
-) -> Iterator[dict]:
-    """Yield ASR records ``{"id", "audio", "text", "speaker", "language", "split"}`` from a Kaldi data dir.
-
-    Reads ``wav.scp`` (``utt path``), ``text`` (``utt transcript``) and, if present, ``utt2spk``
-    (otherwise the speaker is the utterance id, as in Kaldi). Relative audio paths are resolved
-    against ``audio_root`` (default: the current directory, the Kaldi recipe convention).
-    Pipe entries (``cmd |``) and ark offsets are rejected with ``ValueError``; utterances without a
-    transcript are reported with a warning and left out.
-    """
-    data_dir = Path(data_dir)
-    wav_scp, text_file, utt2spk_file = data_dir / "wav.scp", data_dir / "text", data_dir / "utt2spk"
-    for required in (wav_scp, text_file):
-        if not required.is_file():
-            raise FileNotFoundError(f"Kaldi data dir {data_dir} has no {required.name}")
-    wavs = _read_kaldi_table(wav_scp)
-    for utt, rxfile in wavs.items():
-        if rxfile.endswith("|") or rxfile.startswith("|"):
-            raise ValueError(
-                f"{wav_scp}: utterance {utt!r} is a pipe command ({rxfile!r}); pipes are not supported, "
-                "write the audio to files first and list their paths in wav.scp"
-            )
-        if re.search(r"\.ark:\d+$", rxfile):
-            raise ValueError(
-                f"{wav_scp}: utterance {utt!r} points into an ark ({rxfile!r}); only audio files are supported"
-            )
-        if not rxfile:
-            raise ValueError(f"{wav_scp}: utterance {utt!r} has no path")
-    texts = _read_kaldi_table(text_file)
-    spk = _read_kaldi_table(utt2spk_file) if utt2spk_file.is_file() else {}
-    missing = [u for u in wavs if u not in texts]
-    if missing:
-        log.warning(
-            "%s: %d of %d utterances in wav.scp have no transcript in %s and are left out (first: %s)",
-            data_dir,
-            len(missing),
-            len(wavs),
-            text_file.name,
-            ", ".join(missing[:10]),
-        )
-    orphans = [u for u in texts if u not in wavs]
-    if orphans:
-        log.warning(
-            "%s: %d transcripts have no audio in wav.scp (first: %s)", data_dir, len(orphans), ", ".join(orphans[:10])
-        )
-    root = Path(audio_root) if audio_root is not None else Path.cwd()
-    for utt, rxfile in wavs.items():
-        if utt not in texts:
-            continue
-        audio = Path(rxfile)
-        if not audio.is_absolute():
-            audio = root / audio
-        yield {
-            "id": utt,
-            "audio": str(audio),
-            "text": texts[utt],
-            "speaker": spk.get(utt, utt),
-            "language": language,
-            "split": data_dir.name,
-        }
-
-
-# ================================================================================================
-# Shard writer
-# ================================================================================================
-
-
-def make_key(record_id: Any) -> str:
-    """Tar key for a record id: dots, slashes and whitespace become ``_`` (WebDataset splits keys at dots)."""
-    key = re.sub(r"[.\s/\\]", "_", str(record_id))
-    if not key:
-        raise ValueError(f"record id {record_id!r} gives an empty key")
-    return key
-
-
-def _flac_payload(path: Path) -> tuple[bytes, int, int]:
-    """``(flac_bytes, sample_rate, num_samples)``; FLAC files are copied, anything else re-encoded (mono PCM_16)."""
-    sr, frames, _channels, fmt = audio_info(path)
-    if fmt.upper() == "FLAC" and frames > 0:
-        return path.read_bytes(), sr, frames
-    wav, sr = load_audio(path)
-    return encode_flac(wav, sr), sr, int(wav.shape[0])
-
-
-def _audio_meta(sr: int, n: int) -> dict:
-    return {"sample_rate": int(sr), "duration": round(n / sr, 6), "num_samples": int(n)}
-
-
-def encode_record(record: dict, root: Path) -> tuple[dict, float]:
-    """Turn one manifest record into a tar sample ``{"__key__", "flac" | "t{i}.flac", "json"}``.
-
-    Returns ``(sample, seconds_of_audio)``. Raises ``AudioDecodeError`` for unreadable audio and
-    ``ValueError`` for malformed records.
-    """
-    key = make_key(record["id"])
-    meta = {k: v for k, v in record.items() if k != "audio"}
-    sample: dict[str, Any] = {"__key__": key}
-    if "turns" in record:
-        turns, seconds = [], 0.0
-        if not record["turns"]:
-            raise ValueError(f"record {record['id']!r} has no turns")
-        for i, turn in enumerate(record["turns"]):
-            payload, sr, n = _flac_payload(root / turn["audio"])
-            sample[f"t{i}.flac"] = payload
-            turns.append({**{k: v for k, v in turn.items() if k != "audio"}, **_audio_meta(sr, n)})
-            seconds += n / sr
-        meta["turns"] = turns
-        meta["num_turns"] = len(turns)
-        meta["duration"] = round(seconds, 6)
-    elif "audio" in record:
-        payload, sr, n = _flac_payload(root / record["audio"])
-        sample["flac"] = payload
-        meta.update(_audio_meta(sr, n))
-        seconds = n / sr
-    else:
-        raise ValueError(f"record {record.get('id')!r} has neither 'audio' nor 'turns'")
-    sample["json"] = json.dumps(meta, ensure_ascii=False).encode("utf-8")
-    return sample, seconds
-
-
-class _ShardSink:
-    """Rolls tar shards ``<out_dir>/<prefix>-NNNNNN.tar`` by size and sample count."""
-
-    def __init__(self, out_dir: Path, prefix: str, max_bytes: int, max_samples: int) -> None:
-        self.out_dir, self.prefix = out_dir, prefix
-        self.max_bytes, self.max_samples = max_bytes, max_samples
-        self.shards: list[dict] = []
-        self._writer: wds.TarWriter | None = None
-        self._tmp: Path | None = None
-
-    def _open(self) -> None:
-        name = f"{self.prefix}-{len(self.shards):0{SHARD_DIGITS}d}.tar"
-        self._tmp = self.out_dir / (name + ".partial")
-        self._writer = wds.TarWriter(str(self._tmp), encoder=False, mtime=0.0)
-        self.shards.append({"path": name, "num_samples": 0, "hours": 0.0, "_bytes": 0})
-
-    def _close(self) -> None:
-        if self._writer is not None and self._tmp is not None:
-            self._writer.close()
-            os.replace(self._tmp, self.out_dir / self.shards[-1]["path"])
-            self._writer, self._tmp = None, None
-
-    def write(self, sample: dict, seconds: float) -> None:
-        size = sum(len(v) for k, v in sample.items() if not k.startswith("__"))
-        cur = self.shards[-1] if self._writer is not None else None
-        if (
-            cur is None
-            or cur["num_samples"] >= self.max_samples
-            or (cur["num_samples"] > 0 and cur["_bytes"] + size > self.max_bytes)
-        ):
-            self._close()
-            self._open()
-            cur = self.shards[-1]
-        assert self._writer is not None
-        self._writer.write(sample)
-        cur["num_samples"] += 1
-        cur["_bytes"] += size
-        cur["hours"] += seconds / 3600.0
-
-    def close(self) -> list[dict]:
-        self._close()
-        return [{"path": s["path"], "num_samples": s["num_samples"], "hours": s["hours"]} for s in self.shards]
-
-
-def _shard_name_re(prefix: str) -> re.Pattern:
-    return re.compile(rf"^{re.escape(prefix)}-\d{{{SHARD_DIGITS}}}\.tar$")
-
-
-def write_shards(
-    records: Iterable[dict],
-    root: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    prefix: str = "shard",
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-    max_shard_samples: int = DEFAULT_MAX_SHARD_SAMPLES,
-    *,
-    total: int | None = None,
-    progress: bool = True,
-    strict: bool = False,
-) -> dict:
-    """Write ``records`` (from :func:`read_jsonl_manifest` / :func:`read_kaldi_dir`) as tar shards.
-
-    Audio paths are resolved against ``root`` (absolute paths are kept). Shards are named
-    ``<out_dir>/<prefix>-000000.tar``...; earlier shards with the same prefix are replaced. Records
-    whose audio cannot be read, or whose id repeats, are skipped with a warning and counted in the
-    index (``strict=True`` raises instead). ``<out_dir>/index.json`` is (re)written and also keeps
-    the shards of *other* prefixes already listed there, so several writes can share a directory.
-
-    Returns the index: ``{"shards": [{"path", "num_samples", "hours"}], "num_samples", "hours",
-    "speakers" (count), "speaker_ids", "languages", "kinds", "parts": {prefix: {...}}}``.
-    """
-    root, out_dir = Path(root), Path(out_dir)
-    if not prefix or "/" in prefix or "." in prefix:
-        raise ValueError(f"shard prefix must be a non-empty name without '/' or '.', got {prefix!r}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    name_re = _shard_name_re(prefix)
-    stale = [p for p in out_dir.iterdir() if name_re.match(p.name)]
-    for p in stale:
-        p.unlink()
-    if stale:
-        log.info("removed %d old shards %s-*.tar from %s", len(stale), prefix, out_dir)
-
-    sink = _ShardSink(out_dir, prefix, int(max_shard_bytes), int(max_shard_samples))
-    seen: set[str] = set()
-    speakers: set[str] = set()
-    languages: set[str] = set()
-    kinds: set[str] = set()
-    skipped: Counter = Counter()
-    bar = tqdm(records, total=total, unit="utt", desc=f"shards {prefix}", disable=not progress)
-    try:
-        for record in bar:
-            rid = record.get("id")
-            try:
-                key = make_key(rid)
-                if key in seen:
-                    raise ValueError(f"duplicate id {rid!r} (key {key!r})")
-                sample, seconds = encode_record(record, root)
-            except (AudioDecodeError, OSError, KeyError, ValueError) as exn:
-                if strict:
-                    raise
-                reason = (
-                    "unreadable_audio"
-                    if isinstance(exn, (AudioDecodeError, OSError))
-                    else "duplicate_id"
-                    if "duplicate id" in str(exn)
-                    else "bad_record"
-                )
-                skipped[reason] += 1
-                log.warning("write_shards: skipping record %r: %s", rid, exn)
-                continue
-            seen.add(key)
-            sink.write(sample, seconds)
-            if record.get("speaker") is not None:
-                speakers.add(str(record["speaker"]))
-            if record.get("language") is not None:
-                languages.add(str(record["language"]))
-            kinds.add("spoken_qa" if "turns" in record else "asr")
-    finally:
-        bar.close()
-        shards = sink.close()
-
-    part = {
-        "num_samples": sum(s["num_samples"] for s in shards),
-        "hours": sum(s["hours"] for s in shards),
-        "speaker_ids": sorted(speakers),
-        "languages": sorted(languages),
-        "kinds": sorted(kinds),
-        "skipped": dict(skipped),
-    }
-    index = _merge_index(out_dir, prefix, shards, part)
-    (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=1, ensure_ascii=False) + "\n")
-    return index
-
-
-def _merge_index(out_dir: Path, prefix: str, shards: list[dict], part: dict) -> dict:
-    old_shards: list[dict] = []
-    parts: dict[str, dict] = {}
-    index_path = out_dir / INDEX_NAME
-    if index_path.is_file():
-        try:
-            old = json.loads(index_path.read_text())
-            name_re = _shard_name_re(prefix)
-            old_shards = [
-                s for s in old.get("shards", []) if not name_re.match(s["path"]) and (out_dir / s["path"]).is_file()
-            ]
-            parts = {p: v for p, v in old.get("parts", {}).items() if p != prefix}
-        except (json.JSONDecodeError, KeyError, TypeError) as exn:
-            log.warning("ignoring unreadable old %s (%s)", index_path, exn)
-    parts[prefix] = part
-    all_shards = old_shards + shards
-    speaker_ids = sorted({s for p in parts.values() for s in p.get("speaker_ids", [])})
-    return {
-        "shards": all_shards,
-        "num_samples": sum(s["num_samples"] for s in all_shards),
-        "hours": sum(s["hours"] for s in all_shards),
-        "speakers": len(speaker_ids),
-        "speaker_ids": speaker_ids,
-        "languages": sorted({x for p in parts.values() for x in p.get("languages", [])}),
-        "kinds": sorted({x for p in parts.values() for x in p.get("kinds", [])}),
-        "parts": parts,
-    }
 
 
 def resolve_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
@@ -426,6 +86,13 @@ def resolve_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> lis
         index = path / INDEX_NAME
         if index.is_file():
             shards = [str(path / s["path"]) for s in json.loads(index.read_text())["shards"]]
+            missing = [s for s in shards if not Path(s).is_file()]
+            if missing:
+                raise FileNotFoundError(
+                    f"{len(missing)} of {len(shards)} shards listed in {index} do not exist: "
+                    f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''} "
+                    "(the index is stale: rewrite the shards, e.g. with tools/write_shards.py)"
+                )
         else:
             shards = sorted(str(p) for p in path.glob("*.tar"))
         if not shards:

@@ -18,6 +18,8 @@ import webdataset as wds
 from torch.utils.data import DataLoader
 
 from datamodules.audio import encode_flac
+from datamodules.manifests import read_jsonl_manifest, read_kaldi_dir
+from datamodules.shard_writer import make_key, write_shards
 from datamodules.shards import (
     ShardDataset,
     SkipCounter,
@@ -29,11 +31,7 @@ from datamodules.shards import (
     compute_fbank,
     decode_sample,
     filter_sample,
-    make_key,
-    read_jsonl_manifest,
-    read_kaldi_dir,
     resolve_shards,
-    write_shards,
 )
 
 SR = 22050
@@ -144,6 +142,109 @@ def test_write_shards_skips_unreadable_and_duplicates(tmp_path, caplog):
         write_shards(records, manifest.parent, tmp_path / "out3", prefix="a.b", progress=False)
 
 
+def _snapshot(out: Path) -> dict[str, bytes]:
+    """Every file under ``out`` (hidden ones included) with its bytes."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def _temporaries(out: Path) -> list[str]:
+    return sorted(p.name for p in out.rglob("*") if p.name.startswith(".staging") or p.name.endswith(".partial"))
+
+
+def test_failed_write_leaves_previous_shards_and_index(tmp_path, monkeypatch):
+    manifest, records = make_asr_corpus(tmp_path / "corpus", n=12)
+    root, out = manifest.parent, tmp_path / "shards"
+    write_shards(records, root, out, prefix="train", max_shard_samples=2, progress=False)
+    write_shards(records[:3], root, out, prefix="extra", progress=False)
+    before = _snapshot(out)
+    assert "index.json" in before and len([n for n in before if n.endswith(".tar")]) == 7
+
+    # strict=True: an unreadable record after several good ones (some staged shards already closed)
+    ghost = {**records[2], "id": "ghost", "audio": "audio/missing.flac"}
+    with pytest.raises(Exception, match=r"missing\.flac"):
+        write_shards(
+            [*records[::-1][:7], ghost, *records[:3]],
+            root,
+            out,
+            prefix="train",
+            max_shard_samples=3,
+            progress=False,
+            strict=True,
+        )
+    assert _snapshot(out) == before
+    assert _temporaries(out) == []
+
+    # an interrupt (Ctrl-C) raised by the record source midway
+    def interrupted():
+        yield from records[:5]
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(interrupted(), root, out, prefix="train", max_shard_samples=2, progress=False)
+    assert _snapshot(out) == before
+    assert _temporaries(out) == []
+
+    # a failure after every record was written (e.g. disk full while writing the index)
+    import datamodules.shard_writer as shard_writer
+
+    def boom(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shard_writer, "_merge_index", boom)
+    with pytest.raises(OSError, match="No space left"):
+        write_shards(records[:4], root, out, prefix="train", progress=False)
+    assert _snapshot(out) == before
+    assert _temporaries(out) == []
+    monkeypatch.undo()
+
+    # and a later successful write still replaces the old shards
+    index = write_shards(records[:4], root, out, prefix="train", progress=False)
+    assert sorted(p.name for p in out.glob("train-*.tar")) == ["train-000000.tar"]
+    assert index["num_samples"] == 7 and index["parts"]["train"]["num_samples"] == 4
+    assert _temporaries(out) == []
+
+
+def test_stray_temporaries_of_a_crashed_write_are_removed(tmp_path, caplog):
+    manifest, records = make_asr_corpus(tmp_path / "corpus", n=4, wav_every=0)
+    out = tmp_path / "shards"
+    out.mkdir()
+    # what a killed run of prefix "train" leaves, plus a crashed run of another prefix (kept)
+    (out / ".staging-train").mkdir()
+    (out / ".staging-train" / "train-000000.tar").write_bytes(b"half a tar")
+    (out / ".staging-train" / "index.json").write_text("{")
+    (out / "train-000001.tar.partial").write_bytes(b"old-style partial shard")
+    (out / ".staging-other").mkdir()
+    (out / ".staging-other" / "other-000000.tar").write_bytes(b"x")
+    with caplog.at_level(logging.WARNING):
+        index = write_shards(records, manifest.parent, out, prefix="train", progress=False)
+    assert "interrupted earlier write" in caplog.text
+    assert index["num_samples"] == 4
+    assert not (out / ".staging-train").exists()
+    assert not (out / "train-000001.tar.partial").exists()
+    assert (out / ".staging-other" / "other-000000.tar").exists()
+    assert sorted(p.name for p in out.iterdir()) == [".staging-other", "index.json", "train-000000.tar"]
+    assert len(raw_samples(out)) == 4
+
+
+def test_index_drops_parts_whose_shards_are_gone(tmp_path, caplog):
+    manifest, records = make_asr_corpus(tmp_path / "corpus", n=6, wav_every=0)
+    root, out = manifest.parent, tmp_path / "shards"
+    write_shards(records[:2], root, out, prefix="a", progress=False)
+    write_shards([{**r, "speaker": "only_b"} for r in records[2:5]], root, out, prefix="b", progress=False)
+    index = write_shards(records[5:], root, out, prefix="c", progress=False)
+    assert index["num_samples"] == 6 and set(index["parts"]) == {"a", "b", "c"}
+    (out / "b-000000.tar").unlink()
+    with caplog.at_level(logging.WARNING):
+        index = write_shards(records[:2], root, out, prefix="a", progress=False)
+    assert "'b'" in caplog.text and "b-000000.tar" in caplog.text
+    assert set(index["parts"]) == {"a", "c"}
+    assert [s["path"] for s in index["shards"]] == ["c-000000.tar", "a-000000.tar"]
+    assert index["num_samples"] == 3
+    assert index["hours"] == pytest.approx(index["parts"]["a"]["hours"] + index["parts"]["c"]["hours"])
+    assert "only_b" not in index["speaker_ids"]
+    assert len(raw_samples(out)) == 3
+
+
 def test_write_and_decode_spoken_qa(tmp_path):
     root = tmp_path / "qa"
     (root / "audio").mkdir(parents=True)
@@ -243,6 +344,12 @@ def test_resolve_shards(tmp_path):
         resolve_shards(f"{out}/x-{{000000..000005}}.tar")
     with pytest.raises(FileNotFoundError):
         resolve_shards(tmp_path / "corpus" / "audio")
+    # an index listing a shard that was deleted afterwards fails up front, naming the shard and the index
+    (out / "x-000001.tar").unlink()
+    with pytest.raises(FileNotFoundError, match=r"x-000001\.tar") as exc:
+        resolve_shards(out)
+    assert str(out / "index.json") in str(exc.value) and "rewrite the shards" in str(exc.value)
+    assert "x-000000.tar" not in str(exc.value)
 
 
 # ================================================================================================ processors

@@ -4,7 +4,7 @@
 
 1. `tools.make_corpus` synthesizes the eSpeak NG corpus (audio + JSONL manifests).
 2. Every manifest goes through the shard writer used for real corpora
-   (`datamodules.shards.write_shards`), so the real-data path runs on every build.
+   (`datamodules.shard_writer.write_shards`), so the real-data path runs on every build.
 3. Global CMVN stats of the ASR training fbank are written to `<out>/cmvn.json`.
 
 A finished corpus (its `prepared.json` matches the requested settings) is left as it is
@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 from datamodules.corpus import KINDS, SPLITS, manifest_path, shard_dir
-from datamodules.shards import read_jsonl_manifest, write_shards
+from datamodules.manifests import read_jsonl_manifest
+from datamodules.shard_writer import write_shards
 from tools.compute_cmvn import compute_cmvn
 from tools.make_corpus import make_corpus
 
