@@ -4,9 +4,10 @@ Rule (normalized containment):
   1. Both the response and each gold answer are normalized: lower case, punctuation
      removed, hyphens split, number words turned into digits ("twenty three" -> "23").
   2. A gold answer matches when its normalized token sequence occurs in the response's.
-  3. A numeric gold answer must moreover be the *last* number the response mentions, so
-     an answer that echoes the question ("five minus zero is zero") is not credited with
-     an operand ("5") that it merely repeated.
+  3. A gold answer from a closed class (a number, a day of the week, a month) must moreover
+     be the *last* member of that class the response mentions, so a reply that echoes the
+     question ("five minus zero is zero") or lists steps on the way ("before Thursday come
+     Wednesday and Tuesday, so ... is Wednesday") is credited only with its final answer.
 
 A response is correct when any of the gold answers matches.
 """
@@ -23,6 +24,8 @@ _UNITS = [
 ]  # fmt: skip
 _TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
 _WORD_VALUE = {w: i for i, w in enumerate(_UNITS)} | {w: 10 * i for i, w in enumerate(_TENS) if w}
+_DAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+_MONTHS = ("january", "february", "march", "april", "may", "june", "july", "august", "september", "october", "november", "december")  # fmt: skip
 
 
 def number_to_words(n: int) -> str:
@@ -94,14 +97,25 @@ def check_answer(response: str, gold: str | Iterable[str]) -> bool:
     if not golds:
         raise ValueError("check_answer needs at least one gold answer")
     said = normalize_answer(response)
-    numbers = [t for t in said if t.isdigit()]
     for g in golds:
         want = normalize_answer(g)
         if not want:
             raise ValueError(f"gold answer {g!r} normalizes to nothing")
-        if len(want) == 1 and want[0].isdigit():
-            if numbers and numbers[-1] == want[0]:
+        closed_class = _closed_class(want)
+        if closed_class is not None:
+            mentioned = [t for t in said if _closed_class([t]) == closed_class]
+            if mentioned and mentioned[-1] == want[0]:
                 return True
         elif _contains(said, want):
             return True
     return False
+
+
+def _closed_class(tokens: list[str]) -> str | None:
+    """'number', 'day' or 'month' for a one-token answer of that class, else None."""
+    if len(tokens) != 1:
+        return None
+    tok = tokens[0]
+    if tok.isdigit():
+        return "number"
+    return "day" if tok in _DAYS else "month" if tok in _MONTHS else None

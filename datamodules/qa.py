@@ -112,18 +112,19 @@ def _add(rng: random.Random, prev: Turn | None) -> Turn:
     )
 
 
+def _count_steps(start: int, step: int, n: int) -> str:
+    """'seven, six, five': the n numbers after `start` going by `step` (+1 or -1)."""
+    return ", ".join(w(start + step * i) for i in range(1, n + 1))
+
+
 def _subtract(rng: random.Random, prev: Turn | None) -> Turn:
-    a = rng.randint(0, 15)
-    b = rng.randint(0, a)
+    # Small subtrahends, answered by counting back: each step is a predecessor seen in
+    # training, so unseen operand pairs are reachable (a one-shot lookup table is not).
+    b = rng.randint(1, 5)
+    a = rng.randint(b, 20)
     q = rng.choice(["What is {a} minus {b}?", "How much is {a} minus {b}?", "What is {b} taken away from {a}?"])
-    return Turn(
-        q.format(a=w(a), b=w(b)),
-        f"{_cap(w(a))} minus {w(b)} is {w(a - b)}.",
-        _num_gold(a - b),
-        "subtract",
-        (a, b),
-        a - b,
-    )
+    answer = f"Counting back from {w(a)}: {_count_steps(a, -1, b)}. {_cap(w(a))} minus {w(b)} is {w(a - b)}."
+    return Turn(q.format(a=w(a), b=w(b)), answer, _num_gold(a - b), "subtract", (a, b), a - b)
 
 
 def _compare(rng: random.Random, prev: Turn | None) -> Turn:
@@ -140,7 +141,8 @@ def _cycle_turn(names: list[str], unit: str, rng: random.Random, family: str) ->
     i = rng.randrange(len(names))
     k = rng.randint(1, 3 if unit == "day" else 2)
     direction = rng.choice(["after", "before"])
-    j = (i + k if direction == "after" else i - k) % len(names)
+    sign = 1 if direction == "after" else -1
+    walked = [names[(i + sign * step) % len(names)] for step in range(1, k + 1)]
     if k == 1:
         q = rng.choice([f"What {unit} comes {direction} {{x}}?", f"Which {unit} is {direction} {{x}}?"])
         a = f"The {unit} {direction} {{x}} is {{y}}."
@@ -148,9 +150,11 @@ def _cycle_turn(names: list[str], unit: str, rng: random.Random, family: str) ->
         q = rng.choice(
             [f"What {unit} is {{k}} {unit}s {direction} {{x}}?", f"Which {unit} comes {{k}} {unit}s {direction} {{x}}?"]
         )
-        a = f"{{K}} {unit}s {direction} {{x}} is {{y}}."
-    fmt = {"x": names[i], "y": names[j], "k": w(k), "K": _cap(w(k))}
-    return Turn(q.format(**fmt), a.format(**fmt), (names[j],), family, (i, k, direction), names[j])
+        # Each step is stated ("Before Thursday come Wednesday, Tuesday and Monday, so ..."):
+        # every step is a neighbour seen in training, so unseen (name, k) pairs are reachable.
+        a = f"{_cap(direction)} {{x}} come {{steps}}, so {{k}} {unit}s {direction} {{x}} is {{y}}."
+    fmt = {"x": names[i], "y": walked[-1], "k": w(k), "steps": ", ".join(walked[:-1]) + " and " + walked[-1]}
+    return Turn(q.format(**fmt), a.format(**fmt), (walked[-1],), family, (i, k, direction), walked[-1])
 
 
 def _weekday(rng: random.Random, prev: Turn | None) -> Turn:
@@ -188,11 +192,12 @@ def _followup(rng: random.Random, prev: Turn | None) -> Turn | None:
         return None
     if isinstance(prev.value, int):
         r = prev.value
-        if r > 10:
+        if r >= 20:
             return None
-        b = rng.randint(1, 20 - r if r < 10 else 10)
+        b = rng.randint(1, min(5, 20 - r))
         q = rng.choice(["What is that plus {b}?", "And if you add {b} to that?"]).format(b=w(b))
-        return Turn(q, f"{_cap(w(r))} plus {w(b)} is {w(r + b)}.", _num_gold(r + b), "followup", ("add", r, b), r + b)
+        answer = f"Counting on from {w(r)}: {_count_steps(r, 1, b)}. {_cap(w(r))} plus {w(b)} is {w(r + b)}."
+        return Turn(q, answer, _num_gold(r + b), "followup", ("add", r, b), r + b)
     names, unit = (DAYS, "day") if prev.value in DAYS else (MONTHS, "month")
     i = names.index(prev.value)
     nxt = names[(i + 1) % len(names)]
