@@ -6,7 +6,7 @@ EXP     ?= tiny
 CORPUS  ?= data/tiny
 PYTEST_ARGS ?=
 
-.PHONY: help setup corpus demo test bench bench-data lint format clean
+.PHONY: help setup corpus demo test bench bench-data bench-llm lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -29,10 +29,13 @@ demo: corpus ## the embedded default end to end: corpus, stand-in LLM, its evalu
 test: setup ## the test suite (fast, CPU, no network); CI runs exactly this
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-bench: bench-data ## all benchmarks
+bench: bench-data bench-llm ## all benchmarks
+
+bench-llm: setup ## stand-in LLM training step: fp32 vs bf16 autocast, one run
+	$(PY) -m tools.bench_llm --experiment $(EXP)
 
 bench-data: corpus ## ASR loader throughput vs plain decode + fbank on the same files
-	$(PY) -m tools.bench_data --shards $(CORPUS)/shards/asr/train
+	$(PY) -m tools.bench_data --shards $(CORPUS)/shards/asr/train --cmvn $(CORPUS)/cmvn.json
 
 lint: setup ## ruff lint + format check
 	$(VENV)/bin/ruff check .

@@ -15,6 +15,9 @@ from pathlib import Path
 
 from datamodules.qa import DEFAULT_SPLIT_SIZES
 
+# Bump when the corpus content changes for the same seed (templates, answers, voices), so
+# `tools.prepare_corpus` rebuilds corpora made by older code.
+CORPUS_VERSION = 5
 SPLITS = ("train", "dev", "test")
 KINDS = ("asr", "qa")
 

@@ -105,11 +105,15 @@ def _num_gold(n: int) -> tuple[str, ...]:
 
 
 def _add(rng: random.Random, prev: Turn | None) -> Turn:
-    a, b = rng.randint(0, 10), rng.randint(0, 10)
+    b = rng.randint(1, 5)
+    a = rng.randint(0, 20 - b)
     q = rng.choice(["What is {a} plus {b}?", "How much is {a} plus {b}?", "What do you get when you add {a} and {b}?"])
-    return Turn(
-        q.format(a=w(a), b=w(b)), f"{_cap(w(a))} plus {w(b)} is {w(a + b)}.", _num_gold(a + b), "add", (a, b), a + b
-    )
+    return Turn(q.format(a=w(a), b=w(b)), _counting_on(a, b), _num_gold(a + b), "add", (a, b), a + b)
+
+
+def _counting_on(a: int, b: int) -> str:
+    """Addition answered by counting on from `a`: each step a successor seen in training."""
+    return f"Counting on from {w(a)}: {_count_steps(a, 1, b)}. {_cap(w(a))} plus {w(b)} is {w(a + b)}."
 
 
 def _count_steps(start: int, step: int, n: int) -> str:
@@ -127,8 +131,13 @@ def _subtract(rng: random.Random, prev: Turn | None) -> Turn:
     return Turn(q.format(a=w(a), b=w(b)), answer, _num_gold(a - b), "subtract", (a, b), a - b)
 
 
+COMPARE_MAX = 10
+
+
 def _compare(rng: random.Random, prev: Turn | None) -> Turn:
-    a, b = rng.sample(range(0, 21), 2)
+    # A comparison is a lookup of an order relation (no short steps make it easier for a
+    # small model), so its numbers are few and it is drawn more often (FAMILY_WEIGHTS).
+    a, b = rng.sample(range(0, COMPARE_MAX + 1), 2)
     kind = rng.choice(["bigger", "smaller"])
     pick = max(a, b) if kind == "bigger" else min(a, b)
     q = rng.choice(["Which is {k}, {a} or {b}?", "Which number is {k}, {a} or {b}?"])
@@ -196,8 +205,7 @@ def _followup(rng: random.Random, prev: Turn | None) -> Turn | None:
             return None
         b = rng.randint(1, min(5, 20 - r))
         q = rng.choice(["What is that plus {b}?", "And if you add {b} to that?"]).format(b=w(b))
-        answer = f"Counting on from {w(r)}: {_count_steps(r, 1, b)}. {_cap(w(r))} plus {w(b)} is {w(r + b)}."
-        return Turn(q, answer, _num_gold(r + b), "followup", ("add", r, b), r + b)
+        return Turn(q, _counting_on(r, b), _num_gold(r + b), "followup", ("add", r, b), r + b)
     names, unit = (DAYS, "day") if prev.value in DAYS else (MONTHS, "month")
     i = names.index(prev.value)
     nxt = names[(i + 1) % len(names)]
@@ -205,7 +213,7 @@ def _followup(rng: random.Random, prev: Turn | None) -> Turn | None:
     return Turn(q, f"The {unit} after {prev.value} is {nxt}.", (nxt,), "followup", (unit, i), nxt)
 
 
-FAMILIES: dict[str, Callable[[random.Random, Turn | None], Turn | None]] = {
+FAMILIES: dict[str, Callable[[random.Random, Turn | None], Turn | None]] = {  # name -> sampler
     "add": _add,
     "subtract": _subtract,
     "compare": _compare,
@@ -215,10 +223,21 @@ FAMILIES: dict[str, Callable[[random.Random, Turn | None], Turn | None]] = {
     "fact": _fact,
 }
 FOLLOWUP_PROB = 0.4
+# Sampling weights: comparisons, the one lookup family, are drawn twice as often.
+FAMILY_WEIGHTS = {name: 2.0 if name == "compare" else 1.0 for name in FAMILIES}
 
 
 def is_heldout(seed: int, family: str, combo: tuple) -> bool:
-    """Stable membership of a combination in the held-out set (~HELDOUT_PERCENT %)."""
+    """Stable membership of a combination in the held-out set (~HELDOUT_PERCENT %).
+
+    Atomic facts are never held out, only what must be computed from them: a single
+    neighbour ("the month before February") is knowledge, like a capital, while "two
+    months before February" is a combination. Facts hold out a phrasing, never the fact.
+    """
+    if family in ("weekday", "month") and combo[1] == 1:
+        return False
+    if family == "followup" and combo[0] in ("day", "month"):
+        return False
     if family == "fact":
         # Every fact keeps >= 2 phrasings in training: a third of the facts hold out one.
         fact_id, phrasing = combo
@@ -238,7 +257,8 @@ def sample_turn(rng: random.Random, seed: int, heldout: bool, prev: Turn | None 
         if prev is not None and rng.random() < FOLLOWUP_PROB:
             turn = _followup(rng, prev)
         else:
-            turn = FAMILIES[rng.choice(list(FAMILIES))](rng, prev)
+            name = rng.choices(list(FAMILY_WEIGHTS), weights=list(FAMILY_WEIGHTS.values()))[0]
+            turn = FAMILIES[name](rng, prev)
         if turn is not None and is_heldout(seed, turn.family, turn.combo) == heldout:
             return turn
     raise RuntimeError("could not draw a turn; the held-out share is broken")

@@ -4,9 +4,13 @@ Training streams an endless mixture, drawn afresh from seeded generators:
   * multi-round QA dialogues over the *training* combinations of `datamodules.qa`;
   * "repeat after me" requests over the ASR training transcripts, so the LLM can copy
     text from its context, as any real instruction-tuned LLM can (the speech-alignment
-    stage relies on it to emit transcripts).
-Validation uses the fixed dev dialogues (held-out combinations). The loss covers only the
-assistant turns (their text and the closing <|im_end|>).
+    stage relies on it to emit transcripts);
+  * counting and listing requests ("Count down from nine to four", "Name the months from
+    March to July"): the sequence knowledge a real LLM brings from pre-training, which
+    the step-by-step answers of the QA families build on.
+Validation uses the fixed dev dialogues (held-out combinations). The loss covers the user
+and assistant turns (the dialogue text is the stand-in's whole pre-training corpus), not
+the system prompt.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from transformers import PreTrainedTokenizerBase
 
-from datamodules.qa import build_qa_splits, sample_dialogue
+from datamodules.answers import number_to_words
+from datamodules.qa import DAYS, MONTHS, build_qa_splits, sample_dialogue
 from modules.llm import chat_messages
 
 IGNORE_INDEX = -100
@@ -37,7 +42,8 @@ class TextQADataConfig:
     bucket_pool: int = 512  # examples sorted together before cutting batches
     batch_size: int = 64  # validation
     num_workers: int = 0
-    repeat_prob: float = 0.25  # share of "repeat after me" examples
+    repeat_prob: float = 0.1  # share of "repeat after me" examples
+    sequence_prob: float = 0.1  # share of counting / listing examples
     # Transcripts for the repeat task: the ASR *training* manifest (never dev/test text).
     repeat_manifest: str = "${corpus.root}/manifests/asr_train.jsonl"
     max_length: int = 320  # tokens; longer examples are cut (none are at the tiny scale)
@@ -45,18 +51,24 @@ class TextQADataConfig:
 
 
 def encode_chat(
-    tokenizer: PreTrainedTokenizerBase, messages: list[dict], max_length: int
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict],
+    max_length: int,
+    roles: tuple[str, ...] = ("user", "assistant"),
 ) -> tuple[list[int], list[int]]:
-    """Token ids of the rendered chat and labels that are IGNORE_INDEX outside assistant turns.
+    """Token ids of the rendered chat and labels that are IGNORE_INDEX outside the turns of `roles`.
 
-    Assistant spans are found in the rendered text (prefix renders are stable for ChatML) and
-    mapped to tokens through the tokenizer's character offsets.
+    A turn's span (its content and closing <|im_end|>) is found in the rendered text (prefix
+    renders are stable for ChatML) and mapped to tokens through the character offsets.
     """
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     spans: list[tuple[int, int]] = []
     for i, m in enumerate(messages):
-        if m["role"] == "assistant":
-            start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
+        if m["role"] in roles:
+            prefix = tokenizer.apply_chat_template(
+                messages[:i], tokenize=False, add_generation_prompt=m["role"] == "assistant"
+            )
+            start = len(prefix) if m["role"] == "assistant" else text.index(m["content"], len(prefix))
             if text[start : start + len(m["content"])] != m["content"]:
                 raise ValueError("the chat template does not render prefixes stably; cannot locate assistant turns")
             spans.append((start, start + len(m["content"]) + len(tokenizer.eos_token)))
@@ -67,6 +79,28 @@ def encode_chat(
         for tok, (begin, _) in zip(ids, enc["offset_mapping"][:max_length])
     ]
     return ids, labels
+
+
+def sequence_request(rng: random.Random) -> dict:
+    """A counting or listing request over numbers, days or months (training only)."""
+    kind = rng.choice(["number", "day", "month"])
+    names = [number_to_words(n) for n in range(21)] if kind == "number" else DAYS if kind == "day" else MONTHS
+    cyclic = kind != "number"
+    n = rng.randint(2, 8)
+    backwards = rng.random() < 0.5
+    start = (
+        rng.randrange(len(names))
+        if cyclic
+        else rng.randint(n - 1 if backwards else 0, 20 - (0 if backwards else n - 1))
+    )
+    step = -1 if backwards else 1
+    items = [names[(start + step * i) % len(names)] for i in range(n)]
+    if kind == "number":
+        q = f"Count {'down ' if backwards else ''}from {items[0]} to {items[-1]}."
+    else:
+        q = f"Name the {kind}s from {items[0]} {'back ' if backwards else ''}to {items[-1]}."
+    answer = ", ".join(items)
+    return {"question": q, "answer": answer[:1].upper() + answer[1:] + "."}
 
 
 def dialogue_messages(turns: list[dict]) -> list[dict]:
@@ -97,9 +131,12 @@ class TextQAStream(IterableDataset):
         self.qa_seed, self.seed = qa_seed, seed
 
     def example(self, rng: random.Random) -> tuple[list[int], list[int]]:
-        if self.transcripts and rng.random() < self.cfg.repeat_prob:
+        u = rng.random()
+        if self.transcripts and u < self.cfg.repeat_prob:
             s = rng.choice(self.transcripts)
             turns = [{"question": rng.choice(REPEAT_PROMPTS).format(s=s), "answer": s}]
+        elif u < self.cfg.repeat_prob + self.cfg.sequence_prob:
+            turns = [sequence_request(rng)]
         else:
             turns = [t.as_dict() for t in sample_dialogue(rng, self.qa_seed, heldout=False)]
         return encode_chat(self.tokenizer, dialogue_messages(turns), self.cfg.max_length)
@@ -121,11 +158,12 @@ class TextQAStream(IterableDataset):
 
 
 class TextQAEval(Dataset):
-    """Fixed examples: every assistant turn of the given dialogues, with its history."""
+    """Fixed examples: every assistant turn of the given dialogues, with its history (the
+    loss is measured on the answers only)."""
 
     def __init__(self, tokenizer, dialogues: list[dict], max_length: int):
         self.items = [
-            encode_chat(tokenizer, dialogue_messages(d["turns"][: k + 1]), max_length)
+            encode_chat(tokenizer, dialogue_messages(d["turns"][: k + 1]), max_length, roles=("assistant",))
             for d in dialogues
             for k in range(len(d["turns"]))
         ]

@@ -83,7 +83,7 @@ class DataConfig:
 @dataclass
 class EvalConfig:
     batch_size: int = 64
-    max_new_tokens: int = 40
+    max_new_tokens: int = 64
     limit: int = 0  # evaluate only the first N dialogues; 0 = all
 
 

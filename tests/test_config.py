@@ -75,3 +75,21 @@ def test_saved_config_round_trips(tmp_path):
     again = OmegaConf.load(tmp_path / "config.yaml")
     assert again.trainer.max_steps == cfg.trainer.max_steps
     assert "${" not in (tmp_path / "config.yaml").read_text()  # stored resolved
+
+
+def test_experiment_stage_blocks_apply_after_the_stage_file(tmp_path):
+    for group in ("stage", "experiment", "model", "data", "trainer"):
+        (tmp_path / group).mkdir()
+    (tmp_path / "stage" / "s.yaml").write_text("trainer:\n  max_steps: 10\n  log_every_n_steps: 3\n")
+    (tmp_path / "stage" / "t.yaml").write_text("trainer:\n  max_steps: 20\n")
+    (tmp_path / "trainer" / "cpu.yaml").write_text("trainer:\n  accelerator: cpu\n  max_steps: 1\n")
+    (tmp_path / "experiment" / "e.yaml").write_text(
+        "defaults:\n  trainer: cpu\nllm:\n  path: /x\nstages:\n  s:\n    trainer:\n      max_steps: 99\n"
+    )
+    s = load_config(["stage=s", "experiment=e"], config_dir=tmp_path)
+    assert (s.trainer.max_steps, s.trainer.log_every_n_steps, s.trainer.accelerator) == (99, 3, "cpu")
+    assert load_config(["stage=t", "experiment=e"], config_dir=tmp_path).trainer.max_steps == 20
+    assert load_config(["stage=s", "experiment=e", "trainer.max_steps=5"], config_dir=tmp_path).trainer.max_steps == 5
+    (tmp_path / "experiment" / "bad.yaml").write_text("llm:\n  path: /x\nstages:\n  s:\n    trainer:\n      max_step: 1\n")
+    with pytest.raises(ConfigError, match=r"trainer\.max_step.*stages\.s"):
+        load_config(["stage=s", "experiment=bad"], config_dir=tmp_path)

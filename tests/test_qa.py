@@ -46,3 +46,12 @@ def test_followups_use_the_previous_answer():
     assert followups
     for prev, cur in followups:
         assert normalize_answer(prev["gold"][0])[0] in normalize_answer(cur["answer"])
+
+
+def test_single_neighbour_facts_are_never_held_out():
+    # "the month before February" is knowledge; "two months before February" a combination
+    for family, n in (("weekday", 7), ("month", 12)):
+        for i in range(n):
+            for direction in ("after", "before"):
+                assert not is_heldout(3, family, (i, 1, direction))
+    assert any(is_heldout(s, "month", (i, 2, d)) for s in range(3) for i in range(12) for d in ("after", "before"))

@@ -39,17 +39,46 @@ def transcripts(tmp_path):
     return path
 
 
-def test_chat_labels_cover_only_assistant_turns():
+def test_chat_labels_cover_the_chosen_turns_only():
     tok = train_bpe_tokenizer(["What is two plus two? Two plus two is four. system user assistant"] * 50, 300)
     turns = [
         {"question": "What is two plus two?", "answer": "Two plus two is four."},
         {"question": "What is that plus two?", "answer": "Four plus two is six."},
     ]
-    ids, labels = encode_chat(tok, dialogue_messages(turns), 512)
+    ids, labels = encode_chat(tok, dialogue_messages(turns), 512, roles=("assistant",))
     assert len(ids) == len(labels)
     learned = tok.decode([t for t in labels if t != IGNORE_INDEX])
     assert learned == "Two plus two is four.<|im_end|>Four plus two is six.<|im_end|>"
     assert tok.decode(ids).startswith("<|im_start|>system")
+    # training default: user and assistant turns, never the system prompt or role headers
+    _, labels = encode_chat(tok, dialogue_messages(turns), 512)
+    learned = tok.decode([t for t in labels if t != IGNORE_INDEX])
+    assert learned == (
+        "What is two plus two?<|im_end|>Two plus two is four.<|im_end|>"
+        "What is that plus two?<|im_end|>Four plus two is six.<|im_end|>"
+    )
+    # truncation keeps ids and labels aligned
+    ids, labels = encode_chat(tok, dialogue_messages(turns), 10)
+    assert len(ids) == len(labels) == 10
+
+
+def test_sequence_requests_are_consistent():
+    import random
+
+    from datamodules.answers import normalize_answer
+    from datamodules.text_qa import sequence_request
+
+    rng = random.Random(0)
+    for _ in range(200):
+        r = sequence_request(rng)
+        items = r["answer"].rstrip(".").split(", ")
+        assert 2 <= len(items) <= 8
+        assert items[0].lower() in r["question"].lower() and items[-1].lower() in r["question"].lower()
+        if r["question"].startswith("Count"):
+            values = [int(normalize_answer(x)[0]) for x in items]
+            step = -1 if "down" in r["question"] else 1
+            assert values == list(range(values[0], values[0] + step * len(values), step))
+            assert all(0 <= v <= 20 for v in values)
 
 
 def test_tiny_config_respects_the_size_budget():

@@ -19,7 +19,7 @@ import logging
 import time
 from pathlib import Path
 
-from datamodules.corpus import KINDS, SPLITS, manifest_path, shard_dir
+from datamodules.corpus import CORPUS_VERSION, KINDS, SPLITS, manifest_path, shard_dir
 from datamodules.manifests import read_jsonl_manifest
 from datamodules.shard_writer import write_shards
 from tools.compute_cmvn import compute_cmvn
@@ -37,7 +37,7 @@ def prepare_corpus(
 ) -> dict:
     """Returns the summary also written to `<out>/prepared.json`."""
     out = Path(out)
-    settings = {"seed": seed, "n_asr": n_asr, "shard_max_mb": shard_max_mb}
+    settings = {"version": CORPUS_VERSION, "seed": seed, "n_asr": n_asr, "shard_max_mb": shard_max_mb}
     done = out / "prepared.json"
     if done.is_file() and not force:
         summary = json.loads(done.read_text())

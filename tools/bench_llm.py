@@ -1,0 +1,78 @@
+"""Training-step time of the stand-in LLM in fp32 and in bf16 autocast, side by side.
+
+    python -m tools.bench_llm [--experiment tiny] [--tokens 4096] [--steps 8]
+
+Builds the experiment's LLM architecture (random weights), and times forward + backward +
+AdamW on batches of about `--tokens` tokens in both precisions in one run, alternating
+them so both see the same machine load. The ratio decides `trainer.precision` for stage
+llm_text on CPUs: bf16 pays off where the CPU has AMX or AVX512-BF16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from modules.config import load_config
+
+
+def step_ms(model: torch.nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor, bf16: bool) -> float:
+    start = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return (time.perf_counter() - start) * 1000
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--experiment", default="tiny")
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--seq-len", type=int, default=85)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    arch = load_config(["stage=llm_text", f"experiment={args.experiment}"]).llm.arch
+    model = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=arch.vocab_size,
+            hidden_size=arch.hidden_size,
+            intermediate_size=arch.intermediate_size,
+            num_hidden_layers=arch.num_hidden_layers,
+            num_attention_heads=arch.num_attention_heads,
+            num_key_value_heads=arch.num_key_value_heads,
+            max_position_embeddings=arch.max_position_embeddings,
+            tie_word_embeddings=arch.tie_word_embeddings,
+        )
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, arch.vocab_size, (max(1, args.tokens // args.seq_len), args.seq_len))
+    times: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    for i in range(args.steps + 1):  # the first round warms up
+        for name in times:
+            t = step_ms(model, opt, ids, bf16=name == "bf16")
+            if i:
+                times[name].append(t)
+    n_params = sum(q.numel() for q in model.parameters())
+    fp32, bf16 = statistics.median(times["fp32"]), statistics.median(times["bf16"])
+    print(
+        f"stand-in LLM ({args.experiment}): {n_params:,} parameters, batch {tuple(ids.shape)}, {args.threads} threads"
+    )
+    print(f"| precision | ms / training step (median of {args.steps}) | tokens / s |")
+    print("|---|---|---|")
+    for name, ms in (("fp32", fp32), ("bf16 autocast", bf16)):
+        print(f"| {name} | {ms:.0f} | {ids.numel() / ms * 1000:.0f} |")
+    print(f"bf16 speed-up: {fp32 / bf16:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
