@@ -90,6 +90,8 @@ def test_experiment_stage_blocks_apply_after_the_stage_file(tmp_path):
     assert (s.trainer.max_steps, s.trainer.log_every_n_steps, s.trainer.accelerator) == (99, 3, "cpu")
     assert load_config(["stage=t", "experiment=e"], config_dir=tmp_path).trainer.max_steps == 20
     assert load_config(["stage=s", "experiment=e", "trainer.max_steps=5"], config_dir=tmp_path).trainer.max_steps == 5
-    (tmp_path / "experiment" / "bad.yaml").write_text("llm:\n  path: /x\nstages:\n  s:\n    trainer:\n      max_step: 1\n")
+    (tmp_path / "experiment" / "bad.yaml").write_text(
+        "llm:\n  path: /x\nstages:\n  s:\n    trainer:\n      max_step: 1\n"
+    )
     with pytest.raises(ConfigError, match=r"trainer\.max_step.*stages\.s"):
         load_config(["stage=s", "experiment=bad"], config_dir=tmp_path)
