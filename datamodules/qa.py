@@ -159,9 +159,10 @@ def _cycle_turn(names: list[str], unit: str, rng: random.Random, family: str) ->
         q = rng.choice(
             [f"What {unit} is {{k}} {unit}s {direction} {{x}}?", f"Which {unit} comes {{k}} {unit}s {direction} {{x}}?"]
         )
-        # Each step is stated ("Before Thursday come Wednesday, Tuesday and Monday, so ..."):
-        # every step is a neighbour seen in training, so unseen (name, k) pairs are reachable.
-        a = f"{_cap(direction)} {{x}} come {{steps}}, so {{k}} {unit}s {direction} {{x}} is {{y}}."
+        # The steps are the answer ("Before Thursday come Wednesday, Tuesday and Monday."):
+        # each is a neighbour seen in training, so unseen (name, k) pairs are reachable, and
+        # the last one named is the answer (no restatement to copy it into).
+        a = f"{_cap(direction)} {{x}} come {{steps}}."
     fmt = {"x": names[i], "y": walked[-1], "k": w(k), "steps": ", ".join(walked[:-1]) + " and " + walked[-1]}
     return Turn(q.format(**fmt), a.format(**fmt), (walked[-1],), family, (i, k, direction), walked[-1])
 

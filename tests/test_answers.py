@@ -56,5 +56,6 @@ def test_days_and_months_must_be_the_last_one_named():
     steps = "Before Thursday come Wednesday, Tuesday and Monday, so three days before Thursday is {}."
     assert check_answer(steps.format("Monday"), ["Monday"])
     assert not check_answer(steps.format("Tuesday"), ["Monday"])  # Monday only appears as a step
+    assert check_answer("Before Thursday come Wednesday, Tuesday and Monday.", ["Monday"])
     assert check_answer("The month before March is February.", ["February"])
     assert not check_answer("After January comes February, so it is March.", ["February"])
