@@ -13,6 +13,8 @@ import random
 import re
 from collections.abc import Callable
 
+from datamodules.answers import number_to_words as number_words
+
 MIN_WORDS = 4
 MAX_WORDS = 14
 
@@ -128,30 +130,11 @@ PAST_DAYS = ["yesterday", "last week", "last night", "last month", "this morning
 FUTURE_DAYS = ["tomorrow", "next week", "this weekend", "tonight", "next month"]
 HABITS = ["every weekend", "on Sundays", "in the summer", "after school", "every morning", "in winter"]
 
-_UNITS = [
-    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
-    "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen",
-]  # fmt: skip
-_TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
 _ORDINALS = [
     "", "first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth",
     "eleventh", "twelfth", "thirteenth", "fourteenth", "fifteenth", "sixteenth", "seventeenth",
     "eighteenth", "nineteenth", "twentieth",
 ]  # fmt: skip
-
-
-def number_words(n: int) -> str:
-    """0..999 in words, without hyphens or "and": 23 -> "twenty three", 105 -> "one hundred five"."""
-    if not 0 <= n < 1000:
-        raise ValueError(f"number_words supports 0..999, got {n}")
-    if n < 20:
-        return _UNITS[n]
-    if n < 100:
-        tens, unit = divmod(n, 10)
-        return _TENS[tens] + (f" {_UNITS[unit]}" if unit else "")
-    hundreds, rest = divmod(n, 100)
-    head = f"{_UNITS[hundreds]} hundred"
-    return f"{head} {number_words(rest)}" if rest else head
 
 
 def ordinal_words(n: int) -> str:
@@ -163,7 +146,7 @@ def ordinal_words(n: int) -> str:
     if n == 30:
         return "thirtieth"
     tens, unit = divmod(n, 10)
-    return f"{_TENS[tens]} {_ORDINALS[unit]}"
+    return f"{number_words(10 * tens)} {_ORDINALS[unit]}"
 
 
 # --- Phrase helpers --------------------------------------------------------------------------------

@@ -55,11 +55,9 @@ def torch_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
-def build_qwen2(arch: LLMArchConfig, tokenizer: PreTrainedTokenizerBase) -> Qwen2ForCausalLM:
-    """A randomly initialised Qwen2 causal LM whose vocabulary matches `tokenizer`."""
-    if len(tokenizer) > arch.vocab_size:
-        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but llm.arch.vocab_size is {arch.vocab_size}")
-    config = Qwen2Config(
+def qwen2_config(arch: LLMArchConfig, bos_token_id=None, eos_token_id=None, pad_token_id=None) -> Qwen2Config:
+    """The Hugging Face config of the stand-in described by `arch`."""
+    return Qwen2Config(
         vocab_size=arch.vocab_size,
         hidden_size=arch.hidden_size,
         intermediate_size=arch.intermediate_size,
@@ -69,11 +67,17 @@ def build_qwen2(arch: LLMArchConfig, tokenizer: PreTrainedTokenizerBase) -> Qwen
         max_position_embeddings=arch.max_position_embeddings,
         rope_parameters={"rope_type": "default", "rope_theta": arch.rope_theta},
         tie_word_embeddings=arch.tie_word_embeddings,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
     )
-    return Qwen2ForCausalLM(config)
+
+
+def build_qwen2(arch: LLMArchConfig, tokenizer: PreTrainedTokenizerBase) -> Qwen2ForCausalLM:
+    """A randomly initialised Qwen2 causal LM whose vocabulary matches `tokenizer`."""
+    if len(tokenizer) > arch.vocab_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but llm.arch.vocab_size is {arch.vocab_size}")
+    return Qwen2ForCausalLM(qwen2_config(arch, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id))
 
 
 def load_llm(cfg: LLMConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -15,9 +15,10 @@ import statistics
 import time
 
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2ForCausalLM
 
 from modules.config import load_config
+from modules.llm import qwen2_config
 
 
 def step_ms(model: torch.nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor, bf16: bool) -> float:
@@ -41,18 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     arch = load_config(["stage=llm_text", f"experiment={args.experiment}"]).llm.arch
-    model = Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=arch.vocab_size,
-            hidden_size=arch.hidden_size,
-            intermediate_size=arch.intermediate_size,
-            num_hidden_layers=arch.num_hidden_layers,
-            num_attention_heads=arch.num_attention_heads,
-            num_key_value_heads=arch.num_key_value_heads,
-            max_position_embeddings=arch.max_position_embeddings,
-            tie_word_embeddings=arch.tie_word_embeddings,
-        )
-    )
+    model = Qwen2ForCausalLM(qwen2_config(arch))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, arch.vocab_size, (max(1, args.tokens // args.seq_len), args.seq_len))
     times: dict[str, list[float]] = {"fp32": [], "bf16": []}
