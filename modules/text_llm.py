@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ from datamodules.qa import build_qa_splits, sample_dialogue
 from datamodules.text_qa import IGNORE_INDEX, TextQADataModule, read_transcripts
 from datamodules.tokenizer import train_bpe_tokenizer
 from modules.config import run_dir
-from modules.llm import SYSTEM_PROMPT, build_qwen2, chat_messages
+from modules.llm import SYSTEM_PROMPT, build_qwen2, chat_messages, load_llm
 from modules.qa_eval import accuracy_table, evaluate_text_qa, generate_replies
 from modules.training import StageModule, fit, make_optimizer, write_metrics
 
@@ -66,11 +67,10 @@ class TextLLM(StageModule):
         """Show a few greedy answers to held-out questions in TensorBoard."""
         if self.trainer.sanity_checking or not hasattr(self.logger, "experiment"):
             return
-        import random
-
         rng = random.Random(0)
         questions = [sample_dialogue(rng, self.cfg.corpus.seed, heldout=True, max_turns=1)[0] for _ in range(4)]
-        replies = generate_replies(self.llm, self.tokenizer, [chat_messages([], t.question) for t in questions], 32)
+        convs = [chat_messages([], t.question) for t in questions]
+        replies = generate_replies(self.llm, self.tokenizer, convs, self.cfg.eval.max_new_tokens)
         text = "\n\n".join(f"Q: {t.question}  \nA: {r}  \n(reference: {t.answer})" for t, r in zip(questions, replies))
         self.logger.experiment.add_text("samples/held_out_answers", text, self.global_step)
 
@@ -80,8 +80,6 @@ class TextLLM(StageModule):
 
 def tokenizer_corpus(cfg: DictConfig) -> list[str]:
     """Text the BPE is trained on: training QA dialogues, repeat prompts and ASR train transcripts."""
-    import random
-
     rng = random.Random(f"bpe-{cfg.seed}")
     texts = [f"system\nuser\nassistant\n{SYSTEM_PROMPT}"] * 1000  # what every chat holds
     for _ in range(5000):
@@ -118,8 +116,6 @@ def run(cfg: DictConfig) -> dict:
 
 def evaluate(cfg: DictConfig) -> dict:
     """Text QA accuracy of the LLM at `llm.path` on the held-out test dialogues."""
-    from modules.llm import load_llm
-
     model, tokenizer = load_llm(cfg.llm)
     dialogues = build_qa_splits(cfg.corpus.seed, {"test": cfg.corpus.qa_dialogues["test"]})["test"]
     if cfg.eval.limit:
