@@ -70,7 +70,9 @@ def encode_chat(
             )
             start = len(prefix) if m["role"] == "assistant" else text.index(m["content"], len(prefix))
             if text[start : start + len(m["content"])] != m["content"]:
-                raise ValueError(f"the chat template does not render prefixes stably; cannot locate the {m['role']} turn {i}")
+                raise ValueError(
+                    f"the chat template does not render prefixes stably; cannot locate the {m['role']} turn {i}"
+                )
             spans.append((start, start + len(m["content"]) + len(tokenizer.eos_token)))
     enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
     ids = enc["input_ids"][:max_length]
