@@ -20,6 +20,9 @@ from modules.config import ConfigError, load_config
 # stage name -> module whose `run(cfg) -> dict` trains it. The order is the chain's.
 STAGES = {
     "llm_text": "modules.text_llm",
+    "input_1_ctc": "modules.ctc",
+    "input_2_align": "modules.speech_llm",
+    "input_3_prompt": "modules.speech_llm",
 }
 
 

@@ -64,6 +64,7 @@ class ASRDataConfig:
     time_width: int = 50
     resampled: bool = False  # draw training shards with replacement (needs epoch_batches)
     epoch_batches: int | None = None  # training batches per rank and epoch (set it for multi-GPU)
+    cache_samples: bool = False  # keep decoded fbank in memory after the first epoch: small corpora with num_workers=0
     seed: int = 1234
     pin_memory: bool = False
     prefetch_factor: int = 2
@@ -153,6 +154,7 @@ class ASRDataModule(L.LightningDataModule):
             shuffle_buffer=cfg.shuffle_buffer,
             resampled=train and cfg.resampled,
             epoch_batches=cfg.epoch_batches if train else None,
+            cache_samples=train and cfg.cache_samples,
             seed=cfg.seed,
             rank=rank,
             world_size=world_size,

@@ -15,6 +15,7 @@ since the previous batch to each batch as ``batch["skipped"] = {reason: count}``
 from __future__ import annotations
 
 import glob
+import inspect
 import json
 import logging
 import math
@@ -438,13 +439,49 @@ def collate_asr(batch: Sequence[Sample]) -> dict[str, Any]:
 def _process_stream(src: Iterable[dict], *, stages: Sequence[Stage], counter: SkipCounter) -> Iterator[Sample]:
     for raw in src:
         sample: Sample = raw
+        key, url = raw.get("__key__", raw.get("key", "?")), raw.get("__url__", raw.get("url", "?"))
         try:
             for stage in stages:
                 sample = stage(sample)
         except SkipSample as skip:
-            counter.add(skip.reason, f"{raw.get('__key__', '?')} ({raw.get('__url__', '?')})", skip.detail)
+            counter.add(skip.reason, f"{key} ({url})", skip.detail)
             continue
         yield sample
+
+
+def _is_stage(stage: Callable, fn: Callable) -> bool:
+    """Whether ``stage`` is ``fn``, possibly wrapped in (nested) ``functools.partial`` / ``functools.wraps``."""
+    while isinstance(stage, partial):
+        stage = stage.func
+    return stage is fn or inspect.unwrap(stage) is fn
+
+
+def split_at_fbank(stages: Sequence[Stage]) -> tuple[list[Stage], list[Stage]]:
+    """Split a processor chain after its :func:`compute_fbank` stage: ``(decode..fbank, CMVN/SpecAugment...)``."""
+    stages = list(stages)
+    for i, stage in enumerate(stages):
+        if _is_stage(stage, compute_fbank):
+            return stages[: i + 1], stages[i + 1 :]
+    raise ValueError(
+        "cache_samples=True needs a compute_fbank stage in stages_factory(rng) (the cache keeps the samples "
+        f"right after it); got stages {stages!r}"
+    )
+
+
+def copy_sample(sample: Sample) -> Sample:
+    """A copy of the sample dict (and of a QA sample's ``turns`` list and turn dicts) sharing the arrays."""
+    out = dict(sample)
+    if isinstance(out.get("turns"), list):
+        out["turns"] = [dict(turn) for turn in out["turns"]]
+    return out
+
+
+def _cache_stream(src: Iterable[Sample], *, store: list[Sample], on_complete: Callable[[], None]) -> Iterator[Sample]:
+    """Pass samples through, keeping a copy of each in ``store``; ``on_complete()`` once ``src`` is exhausted."""
+    for sample in src:
+        store.append(copy_sample(sample))
+        yield sample
+    on_complete()
 
 
 def _batch_stream(
@@ -479,6 +516,17 @@ class ShardDataset(torch.utils.data.IterableDataset):
     of batches, repeating the data if needed: set it for multi-GPU training, and always with
     ``resampled`` (otherwise an epoch never ends). The epoch advances at each ``__iter__`` (use
     ``persistent_workers=True`` so worker copies keep counting) or via :meth:`set_epoch`.
+
+    ``cache_samples`` (for small corpora read with ``num_workers=0``) keeps every sample as it is
+    right after the :func:`compute_fbank` stage (decoded, filtered, fbank; before CMVN / SpecAugment)
+    during the first epoch that reads its shards to the end; later epochs read no tar at all and
+    iterate over copies of the cached samples (a permutation seeded from ``seed`` and the epoch when
+    ``shuffle``, else in stored order) through the remaining stages, :func:`check_frames`, bucketing
+    and ``collate``. An epoch stopped before its shards were exhausted leaves no cache (the next one
+    fills it again). Skips of the cached stages are counted only in the filling epoch. Stages after
+    ``compute_fbank`` must not modify the cached tensors in place (the standard ones return new
+    tensors). Needs a finite fixed epoch (no ``resampled`` / ``epoch_batches``); in DataLoader
+    workers the cache is off (a warning says so), since every worker copy would cache its own part.
     """
 
     def __init__(
@@ -498,6 +546,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         length_fn: Callable[[Sample], int] = sample_frames,
+        cache_samples: bool = False,
     ) -> None:
         super().__init__()
         self.shards = list(shards)
@@ -509,6 +558,11 @@ class ShardDataset(torch.utils.data.IterableDataset):
             raise ValueError("give both rank and world_size, or neither")
         if world_size is not None and not 0 <= rank < world_size:  # type: ignore[operator]
             raise ValueError(f"rank {rank} out of range for world_size {world_size}")
+        if cache_samples and (resampled or epoch_batches):
+            raise ValueError(
+                f"cache_samples=True conflicts with resampled={resampled} / epoch_batches={epoch_batches}: "
+                "the sample cache needs a fixed, finite epoch over the shards (turn one of them off)"
+            )
         self.stages_factory = stages_factory
         self.collate = collate
         self.max_frames_per_batch = int(max_frames_per_batch)
@@ -523,6 +577,28 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.length_fn = length_fn
         self.epoch = 0
         self.last_counter: SkipCounter | None = None
+        self.cache_samples = bool(cache_samples)
+        self._cache: list[Sample] | None = None  # set only once complete
+        self._warned_workers = False
+
+    def __getstate__(self) -> dict:
+        # DataLoader workers (and copies) run uncached: never ship the cache to them.
+        state = dict(self.__dict__)
+        state["_cache"] = None
+        return state
+
+    @property
+    def cached_samples(self) -> list[Sample] | None:
+        """The complete sample cache (samples right after ``compute_fbank``), or None while not filled."""
+        return self._cache
+
+    @property
+    def cache_complete(self) -> bool:
+        return self._cache is not None
+
+    def _set_cache(self, samples: list[Sample]) -> None:
+        self._cache = samples
+        log.info("cached %d decoded samples (fbank); later epochs read no shards", len(samples))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -539,6 +615,43 @@ class ShardDataset(torch.utils.data.IterableDataset):
         rank, world_size = self._node_info()
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        use_cache = self.cache_samples
+        if use_cache and info is not None:
+            use_cache = False
+            if worker == 0 and not self._warned_workers:
+                log.warning(
+                    "cache_samples=True has no effect in DataLoader workers (num_workers=%d): every worker would "
+                    "cache its own part; reading the shards every epoch (use num_workers=0 to cache)",
+                    num_workers,
+                )
+            self._warned_workers = True
+        counter = SkipCounter()
+        self.last_counter = counter
+        reader_seed = _mix_seed(self.seed, epoch, rank, worker)
+        sample_stages = list(self.stages_factory(np.random.default_rng(reader_seed)))
+        check = partial(check_frames, max_frames_per_batch=self.max_frames_per_batch)
+        batch_stage = partial(
+            _batch_stream,
+            collate=self.collate,
+            counter=counter,
+            bucket_buffer=self.bucket_buffer,
+            max_frames_per_batch=self.max_frames_per_batch,
+            length_fn=self.length_fn,
+            max_batch_size=self.max_batch_size,
+            rng=random.Random(reader_seed + 1) if self.shuffle else None,
+        )
+        if use_cache:
+            head, tail = split_at_fbank(sample_stages)
+            cache = self._cache
+            if cache is not None:
+                if self.shuffle:
+                    order = np.random.default_rng(_mix_seed(self.seed, epoch, rank, 2)).permutation(len(cache))
+                else:
+                    order = np.arange(len(cache))
+                copies = (copy_sample(cache[i]) for i in order)
+                yield from batch_stage(_process_stream(copies, stages=[*tail, check], counter=counter))
+                return
+
         if world_size * num_workers > len(self.shards) and not self.resampled and rank == 0 and worker == 0:
             log.warning(
                 "%d shards for %d ranks x %d workers: some readers get no shard (write more, smaller shards)",
@@ -546,9 +659,6 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 world_size,
                 num_workers,
             )
-        counter = SkipCounter()
-        self.last_counter = counter
-        reader_seed = _mix_seed(self.seed, epoch, rank, worker)
         stages: list[Any] = []
         if self.resampled:
             stages.append(
@@ -571,23 +681,15 @@ class ShardDataset(torch.utils.data.IterableDataset):
             stages.append(
                 wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=random.Random(reader_seed))
             )
-        sample_stages = [
-            *self.stages_factory(np.random.default_rng(reader_seed)),
-            partial(check_frames, max_frames_per_batch=self.max_frames_per_batch),
-        ]
-        stages.append(partial(_process_stream, stages=sample_stages, counter=counter))
-        stages.append(
-            partial(
-                _batch_stream,
-                collate=self.collate,
-                counter=counter,
-                bucket_buffer=self.bucket_buffer,
-                max_frames_per_batch=self.max_frames_per_batch,
-                length_fn=self.length_fn,
-                max_batch_size=self.max_batch_size,
-                rng=random.Random(reader_seed + 1) if self.shuffle else None,
-            )
-        )
+        if use_cache:
+            # Filling epoch: the cache becomes visible only once the shards were read to the end.
+            filling: list[Sample] = []
+            stages.append(partial(_process_stream, stages=head, counter=counter))
+            stages.append(partial(_cache_stream, store=filling, on_complete=partial(self._set_cache, filling)))
+            stages.append(partial(_process_stream, stages=[*tail, check], counter=counter))
+        else:
+            stages.append(partial(_process_stream, stages=[*sample_stages, check], counter=counter))
+        stages.append(batch_stage)
         pipeline = wds.DataPipeline(*stages)
         if self.epoch_batches:
             pipeline = pipeline.with_epoch(math.ceil(self.epoch_batches / num_workers))

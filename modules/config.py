@@ -27,6 +27,9 @@ from datamodules.asr import ASRDataConfig
 from datamodules.corpus import CorpusConfig
 from datamodules.spoken_qa import SpokenQADataConfig
 from datamodules.text_qa import TextQADataConfig
+from modules.adapter import AdapterConfig
+from modules.embeddings import SpeechLLMConfig
+from modules.encoder import CTCConfig, EncoderConfig
 from modules.llm import LLMConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -45,6 +48,9 @@ class StageConfig:
     trainable: list[str] = field(default_factory=list)
     # Stages whose outputs this stage starts from, in order.
     init_from: list[str] = field(default_factory=list)
+    # A named alternative of the chain (e.g. `static` for encoders trained without dynamic
+    # chunks): outputs go to runs/<exp>/<stage>-<variant>/ and `init_from` reads the same variant.
+    variant: str = ""
 
 
 @dataclass
@@ -98,6 +104,10 @@ class RunConfig:
     stage: StageConfig = field(default_factory=StageConfig)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    ctc: CTCConfig = field(default_factory=CTCConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    speech_llm: SpeechLLMConfig = field(default_factory=SpeechLLMConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -214,8 +224,9 @@ def load_config(argv: list[str] | None = None, config_dir: Path = CONFIG_DIR, **
 
 
 def run_dir(cfg: DictConfig, stage: str | None = None) -> Path:
-    """runs/<experiment>/<stage>/: config, checkpoints, TensorBoard logs, metrics.json."""
-    return Path(cfg.run_root) / cfg.experiment / (stage or cfg.stage.name)
+    """runs/<experiment>/<stage>[-<variant>]/: config, checkpoints, TensorBoard logs, metrics.json."""
+    name = stage or cfg.stage.name
+    return Path(cfg.run_root) / cfg.experiment / (f"{name}-{cfg.stage.variant}" if cfg.stage.variant else name)
 
 
 def save_config(cfg: DictConfig, path: Path) -> None:

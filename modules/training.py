@@ -61,14 +61,20 @@ class StageModule(L.LightningModule):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        comps = self.components() if mode else {}
-        for name in getattr(self, "_frozen", []):
-            comps[name].eval()
+        if mode:
+            comps = self.components()
+            for name in getattr(self, "_frozen", []):
+                comps[name].eval()
         return self
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        keep = {n for n, p in self.named_parameters() if p.requires_grad}
-        return {k: v for k, v in self.state_dict().items() if k in keep}
+        """Trainable parameters plus the buffers of trainable components (e.g. CMVN stats)."""
+        keep = {id(p) for p in self.parameters() if p.requires_grad}
+        frozen = set(getattr(self, "_frozen", []))
+        for name, comp in self.components().items():
+            if name not in frozen:
+                keep |= {id(b) for b in comp.buffers()}
+        return {k: v.detach() for k, v in self.state_dict(keep_vars=True).items() if id(v) in keep}
 
     # --- checkpoints ----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -181,3 +187,69 @@ def write_metrics(cfg: DictConfig, metrics: dict[str, Any], stage: str | None = 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load one of our checkpoints safely (tensors and plain containers only)."""
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# --- stage outputs: what a later stage starts from --------------------------------------------
+STAGE_OUTPUT = "model.pt"
+
+
+def save_stage_output(cfg: DictConfig, module: StageModule) -> Path:
+    """runs/<exp>/<stage>/model.pt: the trained (trainable) weights plus the resolved config."""
+    path = run_dir(cfg) / STAGE_OUTPUT
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": module.trainable_state_dict(), "run_config": module.run_config}, path)
+    return path
+
+
+def load_stage_outputs(cfg: DictConfig, module: nn.Module, stages: list[str] | None = None) -> list[str]:
+    """Copy the weights saved by the `stages` (default `cfg.stage.init_from`) into `module`.
+
+    Saved components the module lacks are left out; every other saved tensor must exist in `module` with the same shape; otherwise the error names
+    the tensor, both shapes and the config values that differ between the two runs.
+    Returns the names of the tensors loaded.
+    """
+    own = module.state_dict()
+    loaded: list[str] = []
+    for stage in cfg.stage.init_from if stages is None else stages:
+        path = run_dir(cfg, stage) / STAGE_OUTPUT
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"stage '{cfg.stage.name}' starts from '{stage}', but {path} does not exist; "
+                f"run `python train.py stage={stage} experiment={cfg.experiment}` first"
+            )
+        saved = read_checkpoint(path)
+        # Components this model does not have (e.g. the CTC head after stage 1) stay behind.
+        present = {k.split(".")[0] for k in own}
+        theirs = {k: v for k, v in saved["state_dict"].items() if k.split(".")[0] in present}
+        unknown = sorted(set(theirs) - set(own))
+        bad = [
+            f"{k}: {stage} saved {tuple(v.shape)}, this model has {tuple(own[k].shape)}"
+            for k, v in theirs.items()
+            if k in own and v.shape != own[k].shape
+        ]
+        if unknown or bad:
+            diff = config_differences(saved.get("run_config", {}), to_container(cfg))
+            raise ValueError(
+                f"{path} does not fit stage '{cfg.stage.name}':\n  "
+                + "\n  ".join(bad[:8] + [f"{k}: not in this model" for k in unknown[:5]])
+                + ("\nconfig values that differ (theirs -> ours):\n  " + "\n  ".join(diff) if diff else "")
+            )
+        for k, v in theirs.items():
+            own[k].copy_(v)
+        loaded += list(theirs)
+        log.info("loaded %d tensors from %s", len(theirs), path)
+    return loaded
+
+
+def config_differences(theirs: dict, ours: dict, prefix: str = "", sections=("encoder", "adapter", "ctc", "llm", "speech_llm")) -> list[str]:
+    """'encoder.d_model: 144 -> 192' for the component settings that differ."""
+    out: list[str] = []
+    for key in sorted(set(theirs) | set(ours)):
+        if not prefix and key not in sections:
+            continue
+        a, b = theirs.get(key), ours.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a} -> {b}")
+    return out

@@ -221,3 +221,46 @@ def test_bench_data_runs(data, capsys):
     result = json.loads(capsys.readouterr().out)
     row = result["rows"][0]
     assert row["workers"] == 0 and row["utts"] >= 10 and row["bound_audio_s_per_s"] > 0 and row["ratio_to_bound"] > 0
+
+
+def test_cache_samples_datamodule_asr_and_spoken_qa(data):
+    config = ASRDataConfig(
+        train_shards=str(data["asr"]),
+        dev_shards=str(data["asr"]),
+        cmvn_path=str(data["cmvn"]),
+        num_workers=0,
+        max_frames_per_batch=600,
+        cache_samples=True,
+    )
+    dm = ASRDataModule(config)
+    train, dev = dm.make_dataset("train"), dm.make_dataset("dev")
+    assert train.cache_samples and not dev.cache_samples  # training split only
+    epochs = [[k for b in train for k in b["keys"]] for _ in range(2)]
+    assert train.cache_complete and sorted(epochs[0]) == sorted(epochs[1]) == [f"a{i:03d}" for i in range(N_ASR)]
+
+    # spoken QA (turns) with keep_wav, CMVN and SpecAugment on the cached raw fbank
+    qa = SpokenQADataModule(
+        SpokenQADataConfig(
+            train_shards=str(data["qa"]),
+            cmvn_path=str(data["cmvn"]),
+            num_workers=0,
+            max_frames_per_batch=500,
+            keep_wav=True,
+            spec_augment=True,
+            cache_samples=True,
+        )
+    )
+    ds = qa.make_dataset("train")
+    first = list(ds)
+    assert ds.cache_complete
+    raw = {(s["key"], i): t["feats"].clone() for s in ds.cached_samples for i, t in enumerate(s["turns"])}
+    second = list(ds)
+    for batches in (first, second):
+        assert sorted(k for b in batches for k in b["keys"]) == [f"d{d}" for d in range(N_QA)]
+        for b in batches:
+            assert len(b["wavs"]) == int(b["turn_counts"].sum()) == b["feats"].shape[0]
+            for w, dur in zip(b["wavs"], b["durations"].tolist(), strict=True):
+                assert abs(w.shape[0] / 16000 - dur) < 1e-3
+    assert all(torch.equal(t["feats"], raw[(s["key"], i)]) for s in ds.cached_samples for i, t in enumerate(s["turns"]))
+    assert all("wav" in t and "feats" in t for s in ds.cached_samples for t in s["turns"])
+    assert second[0]["questions"] and second[0]["gold"]

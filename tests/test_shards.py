@@ -5,10 +5,12 @@ from __future__ import annotations
 import io
 import json
 import logging
+import shutil
 import tarfile
 from collections import Counter
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -32,6 +34,7 @@ from datamodules.shards import (
     decode_sample,
     filter_sample,
     resolve_shards,
+    split_at_fbank,
 )
 
 SR = 22050
@@ -562,3 +565,150 @@ def test_node_and_worker_split_cover_all_keys_once(tmp_path, monkeypatch):
     assert len(list(ds)) == 7
     with pytest.raises(ValueError, match="epoch_batches"):
         ShardDataset(shards, stages_factory=_stages(), max_frames_per_batch=2000, resampled=True)
+
+
+# ================================================================================================ sample cache
+
+
+@pytest.fixture(scope="module")
+def cache_shards(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cache")
+    manifest, _ = make_asr_corpus(root / "corpus", n=10, wav_every=0)
+    out = root / "shards"
+    write_shards(read_jsonl_manifest(manifest), manifest.parent, out, prefix="c", max_shard_samples=4, progress=False)
+    return out
+
+
+def _shard_copy(src: Path, dst: Path) -> list[str]:
+    shutil.copytree(src, dst)
+    return resolve_shards(dst)
+
+
+def _counting_stages(decoded: list[str], **kwargs):
+    """build_stages whose decode stage records every key it decodes (i.e. every sample read from a tar)."""
+
+    def factory(rng):
+        stages = build_stages(rng, kind="asr", min_duration_s=0.1, max_duration_s=3.0, **kwargs)
+
+        def decode(raw, _decode=stages[0]):
+            decoded.append(raw["__key__"])
+            return _decode(raw)
+
+        return [decode, *stages[1:]]
+
+    return factory
+
+
+def _cache_dataset(shards, stages_factory, **kwargs) -> ShardDataset:
+    kwargs = {"max_frames_per_batch": 300, "bucket_buffer": 4, "cache_samples": True, **kwargs}
+    return ShardDataset(shards, stages_factory=stages_factory, **kwargs)
+
+
+def _hide(shards: list[str]) -> None:
+    for s in shards:
+        Path(s).rename(s + ".hidden")
+
+
+def test_cache_samples_second_epoch_reuses_features_without_reading_tars(cache_shards, tmp_path):
+    shards = _shard_copy(cache_shards, tmp_path / "s")
+    decoded: list[str] = []
+    ds = _cache_dataset(shards, _counting_stages(decoded))
+    assert not ds.cache_complete
+    first = list(ds)
+    assert ds.cache_complete and len(ds.cached_samples) == 10 and sorted(decoded) == sorted(set(decoded))
+    assert len(decoded) == 10
+    _hide(shards)  # epoch 2 must not need the tar files
+    second = list(ds)
+    assert len(decoded) == 10  # nothing decoded again
+    assert [b["keys"] for b in first] == [b["keys"] for b in second]
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(a["feats"], b["feats"], rtol=0, atol=0)
+        assert torch.equal(a["feats_lens"], b["feats_lens"]) and a["texts"] == b["texts"]
+        assert b["skipped"] == {}
+
+    # shuffle=True: every cached epoch is a deterministic (seed, epoch) permutation of all samples
+    def cached_epochs(name: str) -> list[list[str]]:
+        ds = _cache_dataset(_shard_copy(cache_shards, tmp_path / name), _stages(), shuffle=True, seed=7)
+        return [[k for b in ds for k in b["keys"]] for _ in range(3)]
+
+    epochs = cached_epochs("shuffled")
+    assert all(sorted(e) == sorted(epochs[0]) and len(e) == 10 for e in epochs)
+    assert epochs[1] != epochs[2]
+    assert cached_epochs("shuffled_again")[1:] == epochs[1:]
+
+
+def test_cache_samples_spec_augment_leaves_cache_raw(cache_shards, tmp_path):
+    shards = _shard_copy(cache_shards, tmp_path / "s")
+    conf = {"num_freq_masks": 2, "freq_width": 10, "num_time_masks": 2, "time_width": 20}
+    ds = _cache_dataset(shards, _counting_stages([], spec_augment_conf=conf), max_frames_per_batch=2000)
+
+    def feats_by_key(batches) -> dict[str, torch.Tensor]:
+        return {k: b["feats"][i, : b["feats_lens"][i]] for b in batches for i, k in enumerate(b["keys"])}
+
+    first = feats_by_key(list(ds))
+    cached = {s["key"]: s["feats"] for s in ds.cached_samples}
+    snapshot = {k: f.clone() for k, f in cached.items()}
+    _hide(shards)
+    second = feats_by_key(list(ds))
+    third = feats_by_key(list(ds))
+    assert set(first) == set(second) == set(third) == set(cached)
+    assert any(not torch.equal(first[k], second[k]) for k in first)  # fresh masks each epoch
+    assert any(not torch.equal(second[k], third[k]) for k in first)
+    for k, raw in snapshot.items():
+        assert ds.cached_samples is not None
+        assert torch.equal(cached[k], raw)  # the cached fbank itself is never masked
+        for masked in (second[k], third[k]):
+            assert masked.shape == raw.shape and bool(((masked == raw) | (masked == 0)).all())
+    assert {s["key"]: s["feats"] for s in ds.cached_samples} == cached  # same tensors, not replaced
+    assert all("wav" in s for s in ds.cached_samples)
+
+
+def test_cache_samples_partial_epoch_is_not_kept(cache_shards, tmp_path):
+    shards = _shard_copy(cache_shards, tmp_path / "s")
+    decoded: list[str] = []
+    ds = _cache_dataset(shards, _counting_stages(decoded), max_frames_per_batch=150, bucket_buffer=2)
+    it = iter(ds)
+    next(it)
+    it.close()  # the consumer stopped early
+    assert not ds.cache_complete and ds.cached_samples is None and 0 < len(decoded) < 10
+    decoded.clear()
+    keys = [k for b in ds for k in b["keys"]]  # the next epoch reads the tars again and fills the cache
+    assert len(keys) == 10 and len(decoded) == 10 and ds.cache_complete
+    _hide(shards)
+    assert sorted(k for b in ds for k in b["keys"]) == sorted(keys)
+
+
+def test_cache_samples_skips_counted_once(tmp_path):
+    good, expected = write_bad_shard(tmp_path / "bad-000000.tar", n_good=3)
+    ds = _cache_dataset(resolve_shards(tmp_path), _stages(), max_frames_per_batch=400)
+    first = list(ds)
+    assert _merge_skips(first) == expected
+    second = list(ds)
+    assert sorted(k for b in second for k in b["keys"]) == sorted(good) and _merge_skips(second) == Counter()
+
+
+def test_cache_samples_conflicts_and_fallbacks(cache_shards, tmp_path, monkeypatch, caplog):
+    shards = resolve_shards(cache_shards)
+    with pytest.raises(ValueError, match=r"cache_samples.*resampled"):
+        _cache_dataset(shards, _stages(), resampled=True, epoch_batches=4)
+    with pytest.raises(ValueError, match=r"cache_samples.*epoch_batches=4"):
+        _cache_dataset(shards, _stages(), epoch_batches=4)
+
+    # the fbank stage is found through partials; a chain without it cannot be cached
+    head, tail = split_at_fbank([partial(decode_sample), partial(partial(compute_fbank)), check_frames])
+    assert len(head) == 2 and tail == [check_frames]
+
+    def no_fbank(rng):
+        return [decode_sample]
+
+    with pytest.raises(ValueError, match="compute_fbank"):
+        next(iter(_cache_dataset(shards, no_fbank)))
+
+    # inside a DataLoader worker: one warning, no cache
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: SimpleNamespace(id=0, num_workers=1))
+    ds = _cache_dataset(shards, _stages())
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            assert len([k for b in ds for k in b["keys"]]) == 10
+    assert not ds.cache_complete
+    assert caplog.text.count("cache_samples=True has no effect in DataLoader workers") == 1

@@ -34,6 +34,7 @@ def prepare_corpus(
     shard_max_mb: int = 64,
     force: bool = False,
     progress: bool = True,
+    qa_builder=None,
 ) -> dict:
     """Returns the summary also written to `<out>/prepared.json`."""
     out = Path(out)
@@ -45,7 +46,7 @@ def prepare_corpus(
             print(f"corpus already prepared in {out} (use --force to rebuild)")
             return summary
     t0 = time.perf_counter()
-    stats = make_corpus(out, seed=seed, n_asr=n_asr, workers=workers, progress=progress)
+    stats = make_corpus(out, seed=seed, n_asr=n_asr, workers=workers, progress=progress, qa_builder=qa_builder)
     t_synth = time.perf_counter() - t0
 
     indexes = {}

@@ -1,0 +1,151 @@
+"""Stage `input_1_ctc`: the speech encoder and a CTC head trained on ASR data.
+
+The encoder learns to turn speech into frames that carry its words before it ever meets
+the LLM. It applies the CMVN statistics of `data.asr.cmvn_path` itself (stored with its
+weights), so the data module hands it raw fbank. Validation reports CTC greedy WER at the
+training chunk size; `evaluate_ctc` decodes a test split at any chunk size (Table 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from tqdm.auto import tqdm
+
+from datamodules.asr import ASRDataConfig, ASRDataModule
+from datamodules.features import GlobalCMVN
+from datamodules.shards import iter_decoded
+from datamodules.transcripts import CharVocab, wer
+from modules.encoder import SpeechEncoder
+from modules.tb import log_posteriorgram
+from modules.training import StageModule, fit, load_stage_outputs, make_optimizer, save_stage_output, write_metrics
+
+log = logging.getLogger(__name__)
+
+
+class EncoderCTC(StageModule):
+    """Speech encoder + linear CTC head over characters."""
+
+    def __init__(self, cfg: DictConfig):
+        super().__init__(cfg)
+        self.vocab = CharVocab(cfg.ctc.vocab)
+        self.encoder = SpeechEncoder(OmegaConf.to_object(cfg.encoder))
+        self.ctc_head = nn.Linear(self.encoder.output_dim, len(self.vocab))
+
+    def components(self) -> dict[str, nn.Module]:
+        return {"encoder": self.encoder, "ctc_head": self.ctc_head}
+
+    def log_probs(self, feats, feats_lens, chunk_frames=None, left_chunks=None):
+        """[B, T', V] CTC log-probabilities (fp32) and their lengths."""
+        enc, enc_lens = self.encoder(feats, feats_lens, chunk_frames, left_chunks)
+        return self.ctc_head(enc).float().log_softmax(-1), enc_lens
+
+    def _loss(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        log_probs, lens = self.log_probs(batch["feats"], batch["feats_lens"])
+        targets = [torch.tensor(self.vocab.encode(t), dtype=torch.long) for t in batch["texts"]]
+        target_lens = torch.tensor([len(t) for t in targets], dtype=torch.long)
+        loss = nn.functional.ctc_loss(
+            log_probs.transpose(0, 1),
+            torch.cat(targets).to(log_probs.device),
+            lens,
+            target_lens,
+            blank=0,
+            reduction="sum",
+            zero_infinity=True,
+        ) / len(targets)
+        return loss, log_probs, lens
+
+    def training_step(self, batch, batch_idx):
+        loss, _, _ = self._loss(batch)
+        n = len(batch["texts"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self.log("train/batch_size", float(n), batch_size=n)
+        for reason, count in batch["skipped"].items():
+            self.log(f"data/skipped_{reason}", float(count), reduce_fx="sum", batch_size=n)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        loss, log_probs, lens = self._loss(batch)
+        hyps = greedy_decode(self.vocab, log_probs, lens)
+        n = len(hyps)
+        self.log("val/loss", loss, prog_bar=True, batch_size=n)
+        self.log("val/wer", wer(hyps, batch["texts"]), prog_bar=True, batch_size=n)
+        if batch_idx == 0 and hasattr(self.logger, "experiment") and not self.trainer.sanity_checking:
+            text = "\n\n".join(f"REF: {r}  \nHYP: {h}" for r, h in zip(batch["texts"][:4], hyps[:4]))
+            self.logger.experiment.add_text("samples/ctc_greedy", text, self.global_step)
+            log_posteriorgram(
+                self.logger.experiment, "samples/fbank_and_ctc", batch["feats"][0, : batch["feats_lens"][0]],
+                log_probs[0, : lens[0]], self.vocab.units, self.global_step,
+            )
+
+    def configure_optimizers(self):
+        return make_optimizer(self, self.cfg.optim, self.cfg.trainer.max_steps)
+
+
+def greedy_decode(vocab: CharVocab, log_probs: torch.Tensor, lens: torch.Tensor) -> list[str]:
+    best = log_probs.argmax(-1).cpu()
+    return [vocab.decode(best[i, : int(lens[i])].tolist()) for i in range(len(best))]
+
+
+def encoder_data_config(cfg: DictConfig, which: str = "asr") -> ASRDataConfig:
+    """The data config of a speech-input stage: raw fbank, because the encoder applies CMVN."""
+    data = OmegaConf.to_object(cfg.data[which])
+    return dataclasses.replace(data, cmvn_path=None)
+
+
+def run(cfg: DictConfig) -> dict:
+    module = EncoderCTC(cfg)
+    if not cfg.data.asr.cmvn_path:
+        raise ValueError("stage input_1_ctc needs data.asr.cmvn_path (CMVN stats from tools.compute_cmvn)")
+    module.encoder.set_cmvn(GlobalCMVN.load(cfg.data.asr.cmvn_path))
+    oov = set().union(*(module.vocab.oov(t) for t in _sample_texts(cfg)))
+    if oov:
+        log.warning("transcript characters outside ctc.vocab are dropped from CTC targets: %s", sorted(oov))
+    counts = module.apply_freezing(list(cfg.stage.trainable))
+    trainer = fit(cfg, module, ASRDataModule(encoder_data_config(cfg)))
+    metrics = {"component_params": counts, "train_steps": trainer.global_step}
+    if trainer.global_rank == 0:
+        save_stage_output(cfg, module)
+        metrics.update(evaluate_ctc_split(cfg, module, "dev", [cfg.encoder.chunk_frames]))
+        write_metrics(cfg, metrics)
+    return metrics
+
+
+def _sample_texts(cfg: DictConfig, limit: int = 500) -> list[str]:
+    texts = []
+    for sample in iter_decoded(cfg.data.asr.dev_shards):
+        texts.append(sample["text"])
+        if len(texts) >= limit:
+            break
+    return texts
+
+
+@torch.inference_mode()
+def evaluate_ctc_split(cfg: DictConfig, module: EncoderCTC, split: str, chunks: list[int]) -> dict:
+    """CTC greedy WER on `split` at each chunk size (0 = full context): {"ctc_wer_<split>_chunk<c>": w}."""
+    was_training = module.training
+    module.eval()
+    data = ASRDataModule(encoder_data_config(cfg))
+    refs: list[str] = []
+    hyps: dict[int, list[str]] = {c: [] for c in chunks}
+    for batch in tqdm(data.make_loader(split), desc=f"CTC {split}", unit="batch", leave=False):
+        refs += batch["texts"]
+        for c in chunks:
+            log_probs, lens = module.log_probs(batch["feats"], batch["feats_lens"], chunk_frames=c)
+            hyps[c] += greedy_decode(module.vocab, log_probs, lens)
+    module.train(was_training)
+    out = {f"ctc_wer_{split}_chunk{c or 'full'}": wer(hyps[c], refs) for c in chunks}
+    log.info("%s", out)
+    return out
+
+
+def load_encoder_ctc(cfg: DictConfig, stage: str = "input_1_ctc") -> EncoderCTC:
+    """The trained stage-1 module of `cfg`'s experiment (and variant), in eval mode."""
+    module = EncoderCTC(cfg)
+    load_stage_outputs(cfg, module, [stage])
+    return module.eval()
+

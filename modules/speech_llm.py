@@ -1,0 +1,454 @@
+"""Speech into the frozen LLM: stages `input_2_align` and `input_3_prompt`, and the streaming input path.
+
+Glossary: B examples, N utterances, S speech embeddings (12.5 Hz), L sequence positions,
+D the LLM width. Components: `encoder` (from input_1_ctc), `adapter`, `specials` (speech
+begin/end vectors), `prompt` (N learned vectors) and the frozen `llm`.
+
+A dialogue is laid out in the LLM's own chat template (`ChatLayout`), with the speech span of
+each user turn in place of its text:
+
+    system | user_prefix [prompt] [instruction] <begin> speech <end> user_suffix | answer <eos> ...
+
+* input_2_align (ASR data): trains encoder, adapter and specials so that the frozen LLM,
+  given "Repeat after me: " + speech, emits the transcript.
+* input_3_prompt (spoken multi-round QA): trains only the prompt vectors so that the frozen
+  LLM answers the spoken question with the answer it gives to the text of the same question
+  (targets cached by `tools.make_llm_answers`, see `llm_answers`).
+
+`StreamingInput` feeds 16 kHz audio chunk by chunk through fbank -> encoder -> adapter and
+prefills the LLM's KV cache as the audio arrives (the paper's chunk-wise prefill); at the end
+of a turn only the end vector and the assistant header remain to prefill.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from datamodules.asr import ASRDataModule
+from datamodules.features import StreamingFbank
+from datamodules.spoken_qa import SpokenQADataModule
+from datamodules.text_qa import IGNORE_INDEX
+from datamodules.transcripts import wer
+from modules.adapter import AdapterState, SpeechAdapter
+from modules.ctc import encoder_data_config
+from modules.embeddings import PromptEmbedding, SpeechSpecials
+from modules.encoder import EncoderState, SpeechEncoder
+from modules.llm import SYSTEM_PROMPT, load_llm
+from modules.training import StageModule, fit, load_stage_outputs, make_optimizer, save_stage_output, write_metrics
+
+log = logging.getLogger(__name__)
+
+ALIGN, PROMPT = "input_2_align", "input_3_prompt"
+
+
+# --- the chat template around speech ----------------------------------------------------------
+@dataclass
+class ChatLayout:
+    """Token ids of the LLM's chat template around user turns, derived from the tokenizer."""
+
+    system: list[int]  # system turn, closed
+    user_prefix: list[int]  # opens a user turn
+    user_suffix: list[int]  # closes it and opens the assistant turn
+    answer_end: list[int]  # closes an assistant turn; its first token is the one the LLM must emit
+    eos_id: int
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: PreTrainedTokenizerBase, system_prompt: str = SYSTEM_PROMPT) -> ChatLayout:
+        marks = ["@@U1@@", "@@A1@@", "@@U2@@", "@@A2@@"]
+        messages = [{"role": "system", "content": system_prompt}]
+        messages += [{"role": r, "content": m} for r, m in zip(["user", "assistant"] * 2, marks)]
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        try:
+            head, rest = text.split(marks[0])
+            user_suffix, rest = rest.split(marks[1])
+            between, rest = rest.split(marks[2])
+            _, answer_end = rest.split(marks[3])
+        except ValueError:
+            raise ValueError("the chat template does not render plain user/assistant contents in order") from None
+        if not between.startswith(answer_end) or not head.endswith(between[len(answer_end) :]):
+            raise ValueError(f"cannot locate the user-turn prefix in the chat template: {text!r}")
+        user_prefix = between[len(answer_end) :]
+        system = head[: len(head) - len(user_prefix)]
+
+        def ids(s: str) -> list[int]:
+            return tokenizer(s, add_special_tokens=False)["input_ids"] if s else []
+
+        layout = cls(ids(system), ids(user_prefix), ids(user_suffix), ids(answer_end), int(tokenizer.eos_token_id))
+        if not layout.answer_end or layout.answer_end[0] != layout.eos_id:
+            raise ValueError(f"the assistant turn does not end with the eos token {tokenizer.eos_token!r}")
+        return layout
+
+
+@dataclass
+class Turn:
+    """One user turn of a training/eval sequence: speech index (into the batch's speech) + target text."""
+
+    speech: int
+    target: str | None  # None: the sequence ends with this turn's assistant header (generation)
+
+
+# --- the module -------------------------------------------------------------------------------
+class SpeechLLM(StageModule):
+    """Encoder + adapter + speech vectors + prompt in front of a frozen causal LM."""
+
+    def __init__(self, cfg: DictConfig, llm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
+        super().__init__(cfg)
+        self.tokenizer = tokenizer
+        self.layout = ChatLayout.from_tokenizer(tokenizer)
+        width = llm.get_input_embeddings().weight.shape[1]
+        reference = llm.get_input_embeddings().weight.detach()
+        self.encoder = SpeechEncoder(OmegaConf.to_object(cfg.encoder))
+        self.adapter = SpeechAdapter(OmegaConf.to_object(cfg.adapter), self.encoder.output_dim, width)
+        self.specials = SpeechSpecials(width, reference)
+        self.prompt = PromptEmbedding(cfg.speech_llm.prompt_num, width, reference)
+        self.llm = llm
+        self.instruction = tokenizer(cfg.speech_llm.align_instruction, add_special_tokens=False)["input_ids"]
+
+    def components(self) -> dict[str, nn.Module]:
+        return {
+            "encoder": self.encoder,
+            "adapter": self.adapter,
+            "specials": self.specials,
+            "prompt": self.prompt,
+            "llm": self.llm,
+        }
+
+    @property
+    def task(self) -> str:
+        return PROMPT if self.cfg.stage.name == PROMPT else ALIGN
+
+    # --- building sequences -------------------------------------------------------------------
+    def embed_ids(self, ids: list[int]) -> torch.Tensor:
+        table = self.llm.get_input_embeddings()
+        return table(torch.tensor(ids, dtype=torch.long, device=table.weight.device))
+
+    def speech_embeddings(
+        self, feats: torch.Tensor, feats_lens: torch.Tensor, chunk_frames: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """feats [N, T, 80] raw fbank -> (speech [N, S, D], speech_lens [N])."""
+        enc, enc_lens = self.encoder(feats, feats_lens, chunk_frames)
+        return self.adapter(enc, enc_lens)
+
+    def user_turn_start(self, task: str) -> torch.Tensor:
+        """Everything of a user turn before its speech, [n, D]."""
+        parts = [self.embed_ids(self.layout.user_prefix)]
+        if task == PROMPT:
+            parts.append(self.prompt())
+        elif self.instruction:
+            parts.append(self.embed_ids(self.instruction))
+        parts.append(self.specials(SpeechSpecials.BEGIN))
+        return torch.cat(parts)
+
+    def user_turn_end(self) -> torch.Tensor:
+        """The speech-end vector and the assistant header, [n, D]."""
+        return torch.cat([self.specials(SpeechSpecials.END), self.embed_ids(self.layout.user_suffix)])
+
+    def build_sequences(
+        self, speech: torch.Tensor, speech_lens: torch.Tensor, dialogues: list[list[Turn]], task: str, left_pad: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Embeddings [B, L, D], attention mask [B, L] and labels [B, L] of `dialogues`.
+
+        Labels cover every target answer and its eos token (IGNORE_INDEX elsewhere).
+        """
+        system = self.embed_ids(self.layout.system)
+        end = self.user_turn_end()
+        start = self.user_turn_start(task)
+        seqs, labels = [], []
+        for turns in dialogues:
+            parts, lab = [system], [IGNORE_INDEX] * len(system)
+            for turn in turns:
+                s = speech[turn.speech, : int(speech_lens[turn.speech])]
+                parts += [start, s.to(start.dtype), end]
+                lab += [IGNORE_INDEX] * (len(start) + len(s) + len(end))
+                if turn.target is not None:
+                    ids = self.tokenizer(turn.target, add_special_tokens=False)["input_ids"] + self.layout.answer_end
+                    parts.append(self.embed_ids(ids))
+                    n_label = len(ids) - len(self.layout.answer_end) + 1  # the answer and its eos
+                    lab += ids[:n_label] + [IGNORE_INDEX] * (len(ids) - n_label)
+            seqs.append(torch.cat(parts))
+            labels.append(torch.tensor(lab, dtype=torch.long))
+        longest = max(len(s) for s in seqs)
+        dev = system.device
+        emb = system.new_zeros(len(seqs), longest, system.shape[1])
+        mask = torch.zeros(len(seqs), longest, dtype=torch.long, device=dev)
+        lab_out = torch.full((len(seqs), longest), IGNORE_INDEX, dtype=torch.long, device=dev)
+        for i, (s, lab) in enumerate(zip(seqs, labels)):
+            sl = slice(longest - len(s), longest) if left_pad else slice(0, len(s))
+            emb[i, sl] = s
+            mask[i, sl] = 1
+            lab_out[i, sl] = lab.to(dev)
+        return emb, mask, lab_out
+
+    def sequence_loss(self, emb, mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean CE over labelled positions and token accuracy."""
+        logits = self.llm(inputs_embeds=emb, attention_mask=mask).logits[:, :-1]
+        targets = labels[:, 1:]
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+        valid = targets != IGNORE_INDEX
+        acc = ((logits.argmax(-1) == targets) & valid).sum() / valid.sum().clamp(min=1)
+        return loss, acc
+
+    # --- batches of the two stages ------------------------------------------------------------
+    def dialogues_of(self, batch: dict) -> list[list[Turn]]:
+        if self.task == ALIGN:
+            return [[Turn(i, t)] for i, t in enumerate(batch["texts"])]
+        answers = self.llm_answers
+        out: list[list[Turn]] = [[] for _ in batch["keys"]]
+        for n, (d, k) in enumerate(zip(batch["dialogue_index"].tolist(), batch["turn_index"].tolist())):
+            key = batch["keys"][d]
+            if key not in answers:
+                raise KeyError(f"no cached LLM answer for dialogue {key}; rerun tools.make_llm_answers")
+            out[d].append(Turn(n, answers[key][k]))
+        return out
+
+    def _step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
+        speech, lens = self.speech_embeddings(batch["feats"], batch["feats_lens"])
+        dialogues = self.dialogues_of(batch)
+        emb, mask, labels = self.build_sequences(speech, lens, dialogues, self.task, left_pad=False)
+        loss, acc = self.sequence_loss(emb, mask, labels)
+        return loss, acc, len(dialogues)
+
+    def training_step(self, batch, batch_idx):
+        loss, acc, n = self._step(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self.log("train/token_acc", acc, batch_size=n)
+        for reason, count in batch["skipped"].items():
+            self.log(f"data/skipped_{reason}", float(count), reduce_fx="sum", batch_size=n)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        loss, acc, n = self._step(batch)
+        self.log("val/loss", loss, prog_bar=True, batch_size=n)
+        self.log("val/token_acc", acc, prog_bar=True, batch_size=n)
+        if batch_idx == 0 and not self.trainer.sanity_checking and hasattr(self.logger, "experiment"):
+            self._log_samples(batch)
+
+    def _log_samples(self, batch: dict) -> None:
+        if self.task == ALIGN:
+            feats, lens = batch["feats"][:4], batch["feats_lens"][:4]
+            refs = batch["texts"][:4]
+        else:
+            first = (batch["turn_index"] == 0).nonzero().flatten()[:4]
+            feats, lens = batch["feats"][first], batch["feats_lens"][first]
+            refs = [batch["questions"][int(batch["dialogue_index"][i])][0] for i in first]
+        hyps = self.generate(feats, lens, self.task)
+        text = "\n\n".join(f"SPOKEN: {r}  \nLLM: {h}" for r, h in zip(refs, hyps))
+        self.logger.experiment.add_text(f"samples/{self.task}", text, self.global_step)
+
+    def configure_optimizers(self):
+        return make_optimizer(self, self.cfg.optim, self.cfg.trainer.max_steps)
+
+    # --- decoding -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, feats: torch.Tensor, feats_lens: torch.Tensor, task: str, chunk_frames: int | None = None):
+        """Greedy single-turn replies to N utterances (offline encoder at `chunk_frames`)."""
+        speech, lens = self.speech_embeddings(feats, feats_lens, chunk_frames)
+        dialogues = [[Turn(i, None)] for i in range(len(feats))]
+        emb, mask, _ = self.build_sequences(speech, lens, dialogues, task, left_pad=True)
+        ids = greedy_generate(self.llm, emb, mask, self.layout.eos_id, self.cfg.speech_llm.max_answer_tokens)
+        return [self.tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids]
+
+
+@torch.inference_mode()
+def greedy_generate(
+    llm: PreTrainedModel, emb: torch.Tensor, mask: torch.Tensor, eos_id: int, max_new_tokens: int
+) -> list[list[int]]:
+    """Greedy decoding from left-padded input embeddings [B, L, D]; returns ids without eos."""
+    cache = DynamicCache()
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+    table = llm.get_input_embeddings()
+    done = torch.zeros(len(emb), dtype=torch.bool, device=emb.device)
+    result: list[list[int]] = [[] for _ in range(len(emb))]
+    next_pos = pos[:, -1:] + 1
+    for _ in range(max_new_tokens):
+        nxt = out.logits[:, -1].argmax(-1)
+        done |= nxt == eos_id
+        for i in (~done).nonzero().flatten().tolist():
+            result[i].append(int(nxt[i]))
+        if bool(done.all()):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        out = llm(
+            inputs_embeds=table(nxt[:, None]),
+            attention_mask=mask,
+            position_ids=next_pos,
+            past_key_values=out.past_key_values,
+            use_cache=True,
+        )
+        next_pos = next_pos + 1
+    return result
+
+
+# --- streaming input ---------------------------------------------------------------------------
+@dataclass
+class InputState:
+    """Per-conversation state of the streaming input path (one stream)."""
+
+    fbank: StreamingFbank
+    encoder: EncoderState
+    adapter: AdapterState
+    cache: DynamicCache = field(default_factory=DynamicCache)
+    positions: int = 0  # LLM positions filled so far
+    in_turn: bool = False
+    last_hidden: torch.Tensor | None = None  # LLM's last hidden state after the latest prefill
+
+
+class StreamingInput:
+    """Chunk-wise streaming prefill of spoken user turns into the frozen LLM (one model, many states)."""
+
+    def __init__(self, model: SpeechLLM, task: str = PROMPT):
+        self.model, self.task = model.eval(), task
+
+    @torch.inference_mode()
+    def _prefill(self, state: InputState, emb: torch.Tensor) -> torch.Tensor:
+        """Append emb [n, D] to the LLM cache; returns logits [n, V]."""
+        n = emb.shape[0]
+        pos = torch.arange(state.positions, state.positions + n, device=emb.device)[None]
+        out = self.model.llm(
+            inputs_embeds=emb[None], position_ids=pos, past_key_values=state.cache, use_cache=True,
+            output_hidden_states=True,
+        )
+        state.positions += n
+        state.last_hidden = out.hidden_states[-1][0, -1]
+        return out.logits[0]
+
+    def start(self) -> InputState:
+        """A new conversation: the system turn is prefilled."""
+        m = self.model
+        state = InputState(StreamingFbank(), m.encoder.init_state(), m.adapter.init_state())
+        self._prefill(state, m.embed_ids(m.layout.system))
+        return state
+
+    @torch.inference_mode()
+    def _speech(self, state: InputState, wav: np.ndarray, final: bool) -> torch.Tensor:
+        m = self.model
+        feats = state.fbank.finish() if final and len(wav) == 0 else state.fbank.accept(wav)
+        if final and len(wav):
+            feats = np.concatenate([feats, state.fbank.finish()])
+        x = torch.from_numpy(feats)[None].to(m.encoder.cmvn_mean.device)
+        enc, state.encoder = m.encoder.stream(x, state.encoder, final=final)
+        emb, state.adapter = m.adapter.stream(enc, state.adapter)
+        return emb[0]
+
+    def accept_audio(self, state: InputState, wav: np.ndarray) -> int:
+        """Feed 16 kHz mono audio (any length, e.g. 160 ms); returns speech embeddings prefilled."""
+        emb = self._speech(state, wav, final=False)
+        parts = []
+        if not state.in_turn:
+            parts.append(self.model.user_turn_start(self.task))
+            state.in_turn = True
+        if len(emb):
+            parts.append(emb.to(parts[0].dtype if parts else emb.dtype))
+        if parts:
+            self._prefill(state, torch.cat(parts))
+        return len(emb)
+
+    @torch.inference_mode()
+    def end_turn(self, state: InputState, max_new_tokens: int | None = None) -> list[int]:
+        """Flush the user's speech, close the turn and greedily generate the reply ids.
+
+        The reply and the assistant turn's end are left in the cache, ready for the next turn.
+        """
+        m = self.model
+        if not state.in_turn:
+            raise RuntimeError("end_turn() without speech in this turn")
+        tail = self._speech(state, np.zeros(0, dtype=np.float32), final=True)
+        logits = self._prefill(state, torch.cat([tail.to(m.user_turn_end().dtype), m.user_turn_end()]))
+        reply: list[int] = []
+        limit = max_new_tokens or m.cfg.speech_llm.max_answer_tokens
+        while len(reply) < limit:
+            nxt = int(logits[-1].argmax())
+            if nxt == m.layout.eos_id:
+                break
+            reply.append(nxt)
+            logits = self._prefill(state, m.embed_ids([nxt]))
+        self._prefill(state, m.embed_ids(m.layout.answer_end))
+        state.fbank = StreamingFbank()
+        state.encoder, state.adapter = m.encoder.init_state(), m.adapter.init_state()
+        state.in_turn = False
+        return reply
+
+
+# --- cached LLM answers (targets of input_3_prompt) ---------------------------------------------
+def llm_answers_path(cfg: DictConfig, split: str) -> Path:
+    return Path(cfg.speech_llm.answers_dir) / f"{split}.jsonl"
+
+
+def read_llm_answers(cfg: DictConfig, split: str) -> dict[str, list[str]]:
+    path = llm_answers_path(cfg, split)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: generate the frozen LLM's answers once with "
+            f"`python -m tools.make_llm_answers experiment={cfg.experiment}`"
+        )
+    out = {}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        out[rec["id"]] = rec["replies"]
+    return out
+
+
+# --- stage runners ------------------------------------------------------------------------------
+def build(cfg: DictConfig) -> SpeechLLM:
+    llm, tokenizer = load_llm(cfg.llm)
+    return SpeechLLM(cfg, llm, tokenizer)
+
+
+def run(cfg: DictConfig) -> dict:
+    """Train stage input_2_align or input_3_prompt (by `cfg.stage.name`)."""
+    module = build(cfg)
+    load_stage_outputs(cfg, module)
+    counts = module.apply_freezing(list(cfg.stage.trainable))
+    if module.task == PROMPT:
+        from tools.make_llm_answers import ensure_llm_answers  # noqa: PLC0415 (tool imports this module)
+
+        ensure_llm_answers(cfg)
+        module.llm_answers = {**read_llm_answers(cfg, "train"), **read_llm_answers(cfg, "dev")}
+        data = SpokenQADataModule(encoder_data_config(cfg, "spoken_qa"))
+    else:
+        data = ASRDataModule(encoder_data_config(cfg, "asr"))
+    trainer = fit(cfg, module, data)
+    metrics = {"component_params": counts, "train_steps": trainer.global_step}
+    if trainer.global_rank == 0:
+        save_stage_output(cfg, module)
+        if module.task == ALIGN:
+            metrics.update(evaluate_llm_asr(cfg, module, "dev", [cfg.encoder.chunk_frames]))
+        write_metrics(cfg, metrics)
+    return metrics
+
+
+def load_speech_llm(cfg: DictConfig, stages: list[str]) -> SpeechLLM:
+    """A SpeechLLM with the outputs of `stages` loaded, in eval mode."""
+    module = build(cfg)
+    load_stage_outputs(cfg, module, stages)
+    return module.eval()
+
+
+@torch.inference_mode()
+def evaluate_llm_asr(cfg: DictConfig, module: SpeechLLM, split: str, chunks: list[int]) -> dict:
+    """WER of the transcripts the frozen LLM emits (stage-2 decoding) at each chunk size."""
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    was_training = module.training
+    module.eval()
+    data = ASRDataModule(encoder_data_config(cfg, "asr"))
+    refs: list[str] = []
+    hyps: dict[int, list[str]] = {c: [] for c in chunks}
+    for batch in tqdm(data.make_loader(split), desc=f"LLM ASR {split}", unit="batch", leave=False):
+        refs += batch["texts"]
+        for c in chunks:
+            hyps[c] += module.generate(batch["feats"], batch["feats_lens"], ALIGN, chunk_frames=c)
+    module.train(was_training)
+    out = {f"llm_wer_{split}_chunk{c or 'full'}": wer(hyps[c], refs) for c in chunks}
+    log.info("%s", out)
+    return out

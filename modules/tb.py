@@ -1,0 +1,33 @@
+"""TensorBoard pictures and sounds: spectrograms, CTC posteriorgrams, audio samples."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def log_posteriorgram(writer, tag: str, feats: torch.Tensor, log_probs: torch.Tensor, units: list[str], step: int):
+    """fbank [T, F] above CTC posteriors [T', V] (blank row greyed), one figure."""
+    feats = feats.detach().float().cpu().numpy()
+    post = log_probs.detach().float().exp().cpu().numpy()
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 6), constrained_layout=True)
+    ax1.imshow(feats.T, origin="lower", aspect="auto", interpolation="nearest")
+    ax1.set_title("fbank (raw, 100 Hz)")
+    ax1.set_ylabel("mel bin")
+    ax2.imshow(post.T, origin="lower", aspect="auto", interpolation="nearest", cmap="Greys")
+    ax2.set_title("CTC posteriors (25 Hz)")
+    ax2.set_yticks(np.arange(len(units)))
+    ax2.set_yticklabels(["_" if u == " " else ("ø" if i == 0 else u) for i, u in enumerate(units)], fontsize=5)
+    ax2.set_xlabel("encoder frame")
+    writer.add_figure(tag, fig, step)
+    plt.close(fig)
+
+
+def log_audio(writer, tag: str, wav: torch.Tensor | np.ndarray, sample_rate: int, step: int) -> None:
+    """A mono waveform [N] in [-1, 1] as a TensorBoard audio sample."""
+    wav = torch.as_tensor(wav).detach().float().cpu().clamp(-1, 1)
+    writer.add_audio(tag, wav[None], step, sample_rate=sample_rate)

@@ -1,0 +1,154 @@
+"""Stages input_1_ctc, input_2_align and input_3_prompt on a miniature corpus and LLM.
+
+For every stage: after a training step the frozen parameters are bit-identical and every
+trainable one received a gradient; the trainable key set is exactly the declared one; the
+stage output holds only trainable weights plus the resolved config; a stage loads the
+previous stage's output and names both sizes when they disagree.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from datamodules.asr import ASRDataModule
+from datamodules.spoken_qa import SpokenQADataModule
+from modules.config import load_config, run_dir
+from modules.ctc import EncoderCTC, encoder_data_config
+from modules.speech_llm import ChatLayout, StreamingInput, Turn, build, read_llm_answers
+from modules.training import load_stage_outputs, make_optimizer, read_checkpoint
+from tools.make_llm_answers import ensure_llm_answers
+
+DECLARED = {
+    "input_1_ctc": {"encoder", "ctc_head"},
+    "input_2_align": {"encoder", "adapter", "specials"},
+    "input_3_prompt": {"prompt"},
+}
+
+
+def _check_one_step(module, batch, trainable: set[str]) -> None:
+    before = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    opt = make_optimizer(module, module.cfg.optim, 10)["optimizer"]
+    module.train()
+    loss = module.training_step(batch, 0) if not hasattr(module, "log") else _step(module, batch)
+    loss.backward()
+    for name, p in module.named_parameters():
+        comp = name.split(".")[0]
+        if comp in trainable:
+            assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
+        else:
+            assert not p.requires_grad and p.grad is None, f"frozen {name} has a gradient"
+    opt.step()
+    after = module.state_dict()
+    for k, v in before.items():
+        if k.split(".")[0] not in trainable:
+            assert torch.equal(v, after[k]), f"frozen {k} changed"
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.split(".")[0] in trainable)
+
+
+def _step(module, batch):
+    # training_step without a Trainer (self.log needs one): the loss it would log.
+    if isinstance(module, EncoderCTC):
+        return module._loss(batch)[0]
+    return module._step(batch)[0]
+
+
+def _first_batch(datamodule):
+    return next(iter(datamodule.make_loader("train")))
+
+
+def _saved_components(cfg) -> set[str]:
+    saved = read_checkpoint(run_dir(cfg) / "model.pt")
+    assert saved["run_config"]["stage"]["name"] == cfg.stage.name
+    assert saved["run_config"]["encoder"]["d_model"] == cfg.encoder.d_model
+    return {k.split(".")[0] for k in saved["state_dict"]}
+
+
+def test_chat_layout_matches_the_rendered_template(mini_llm):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(mini_llm)
+    layout = ChatLayout.from_tokenizer(tok)
+    msgs = [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+    ]
+    text = tok.apply_chat_template(msgs, tokenize=False)
+    joined = tok.decode(layout.system + layout.user_prefix) + "Hi" + tok.decode(layout.user_suffix)
+    assert text.startswith(joined)
+    assert text.endswith("Hello" + tok.decode(layout.answer_end))
+    assert layout.answer_end[0] == tok.eos_token_id
+
+
+def test_speech_input_stage_chain(speech_args):
+    # --- stage 1: CTC -------------------------------------------------------------------------
+    cfg1 = load_config(["stage=input_1_ctc", *speech_args])
+    m1 = EncoderCTC(cfg1)
+    m1.apply_freezing(list(cfg1.stage.trainable))
+    assert set(cfg1.stage.trainable) == DECLARED["input_1_ctc"]
+    _check_one_step(m1, _first_batch(ASRDataModule(encoder_data_config(cfg1))), DECLARED["input_1_ctc"])
+    metrics = train.main(["stage=input_1_ctc", *speech_args])
+    assert metrics["train_steps"] == 2 and 0.0 <= metrics["ctc_wer_dev_chunk4"]
+    assert _saved_components(cfg1) == DECLARED["input_1_ctc"]
+    saved = read_checkpoint(run_dir(cfg1) / "model.pt")["state_dict"]
+    assert "encoder.cmvn_mean" in saved and saved["encoder.cmvn_istd"].ne(1).any()  # CMVN travels with it
+
+    # --- stage 2: alignment through the frozen LLM ---------------------------------------------
+    cfg2 = load_config(["stage=input_2_align", *speech_args])
+    m2 = build(cfg2)
+    loaded = load_stage_outputs(cfg2, m2)
+    assert {k.split(".")[0] for k in loaded} == {"encoder"}  # the CTC head stays behind
+    assert torch.equal(m2.encoder.cmvn_mean, saved["encoder.cmvn_mean"])
+    m2.apply_freezing(list(cfg2.stage.trainable))
+    _check_one_step(m2, _first_batch(ASRDataModule(encoder_data_config(cfg2))), DECLARED["input_2_align"])
+    metrics = train.main(["stage=input_2_align", *speech_args])
+    assert metrics["train_steps"] == 2 and "llm_wer_dev_chunk4" in metrics
+    assert _saved_components(cfg2) == DECLARED["input_2_align"]
+
+    # --- stage 3: prompt vectors on spoken QA with the LLM's own answers -------------------------
+    cfg3 = load_config(["stage=input_3_prompt", *speech_args])
+    ensure_llm_answers(cfg3)
+    answers = read_llm_answers(cfg3, "train")
+    assert len(answers) == 8 and all(isinstance(r, list) and r for r in answers.values())
+    m3 = build(cfg3)
+    load_stage_outputs(cfg3, m3)
+    m3.apply_freezing(list(cfg3.stage.trainable))
+    m3.llm_answers = answers
+    _check_one_step(m3, _first_batch(SpokenQADataModule(encoder_data_config(cfg3, "spoken_qa"))), {"prompt"})
+    metrics = train.main(["stage=input_3_prompt", *speech_args])
+    assert metrics["train_steps"] == 2
+    assert _saved_components(cfg3) == DECLARED["input_3_prompt"]
+
+    # --- a later stage with an incompatible encoder names both sizes ------------------------------
+    bad = load_config(["stage=input_2_align", *speech_args, "encoder.d_model=24", "encoder.num_heads=2"])
+    with pytest.raises(ValueError, match=r"input_1_ctc saved \(16,\), this model has \(24,\)") as err:
+        load_stage_outputs(bad, build(bad))
+    assert "encoder.d_model: 16 -> 24" in str(err.value)
+    missing = load_config(["stage=input_2_align", *speech_args, "stage.variant=other"])
+    with pytest.raises(FileNotFoundError, match="input_1_ctc-other"):
+        load_stage_outputs(missing, build(missing))
+
+
+def test_streaming_prefill_equals_the_teacher_forced_sequence(speech_args, mini_corpus):
+    cfg = load_config(["stage=input_3_prompt", *speech_args])
+    model = build(cfg).eval()
+    rng = np.random.default_rng(0)
+    wavs = [rng.standard_normal(n).astype(np.float32) * 0.1 for n in (9000, 13000)]
+    stream = StreamingInput(model)
+    state = stream.start()
+    for wav in wavs[:1]:
+        for i in range(0, len(wav), 2560):
+            stream.accept_audio(state, wav[i : i + 2560])
+    reply = stream.end_turn(state, max_new_tokens=3)
+    # The same turn, teacher-forced offline: speech embeddings of the whole utterance.
+    from datamodules.features import fbank
+
+    feats = torch.from_numpy(fbank(wavs[0]))[None]
+    speech, lens = model.speech_embeddings(feats, torch.tensor([feats.shape[1]]))
+    emb, mask, _ = model.build_sequences(speech, lens, [[Turn(0, None)]], "input_3_prompt", left_pad=False)
+    with torch.inference_mode():
+        logits = model.llm(inputs_embeds=emb, attention_mask=mask).logits[0, -1]
+    assert int(logits.argmax()) == (reply[0] if reply else model.layout.eos_id)
+    # positions: system + turn + reply + answer end
+    assert state.positions == emb.shape[1] + len(reply) + len(model.layout.answer_end)
