@@ -6,7 +6,7 @@ EXP     ?= tiny
 CORPUS  ?= data/tiny
 PYTEST_ARGS ?=
 
-.PHONY: help setup corpus demo test bench bench-data bench-llm lint format clean
+.PHONY: help setup corpus demo demo-input test bench bench-data bench-llm bench-input lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -23,13 +23,25 @@ $(VENV)/.installed: pyproject.toml
 corpus: setup ## synthesize the tiny eSpeak corpus, write its shards and CMVN stats
 	$(PY) -m tools.prepare_corpus --out $(CORPUS)
 
-demo: corpus ## the embedded default end to end: corpus, stand-in LLM, its evaluation
+demo: corpus ## the embedded default end to end: corpus, stand-in LLM, speech input stages, Tables 1 and 3
 	$(PY) train.py stage=llm_text experiment=$(EXP)
+	$(MAKE) demo-input
+
+demo-input: setup ## speech input only (needs the corpus and stage llm_text): 3 stages + the dynamic-chunk variant, both tables
+	$(PY) train.py stage=input_1_ctc experiment=$(EXP)
+	$(PY) train.py stage=input_2_align experiment=$(EXP)
+	$(PY) train.py stage=input_3_prompt experiment=$(EXP)
+	$(PY) train.py stage=input_1_ctc experiment=$(EXP) stage.variant=dynamic encoder.dynamic_chunk=true
+	$(PY) train.py stage=input_2_align experiment=$(EXP) stage.variant=dynamic encoder.dynamic_chunk=true
+	$(PY) infer.py eval_input experiment=$(EXP)
 
 test: setup ## the test suite (fast, CPU, no network); CI runs exactly this
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-bench: bench-data bench-llm ## all benchmarks
+bench: bench-data bench-llm bench-input ## all benchmarks
+
+bench-input: setup ## streaming encoder + adapter: cost at 1 s vs 60 s, streaming vs recompute, input-path RTF
+	$(PY) -m tools.bench_input --experiment $(EXP)
 
 bench-llm: setup ## stand-in LLM training step: fp32 vs bf16 autocast, one run
 	$(PY) -m tools.bench_llm --experiment $(EXP)

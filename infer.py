@@ -1,8 +1,16 @@
 """Inference and evaluation entry point (subcommands).
 
 python infer.py eval_text_qa experiment=tiny [llm.path=DIR] [eval.limit=N]
-    Text QA accuracy of a causal LM on the held-out test dialogues: the "text" row of
-    the paper's Table 3. Writes runs/<exp>/llm_text/metrics.json (text_qa_accuracy).
+    Text QA accuracy of a causal LM on the held-out test dialogues. Writes
+    runs/<exp>/llm_text/metrics.json (text_qa_accuracy).
+python infer.py eval_asr experiment=tiny [eval.variants=[...]] [eval.limit=N]
+    Table 1: ASR WER of CTC and LLM decoding at chunk = full and the streaming chunk, for the
+    main chain and the dynamic-chunk variant. Writes runs/<exp>/eval/asr.{json,md}.
+python infer.py eval_spoken_qa experiment=tiny [eval.limit=N]
+    Table 3: spoken QA through the streaming input path vs the frozen LLM on the question
+    text. Writes runs/<exp>/eval/spoken_qa.{json,md}.
+python infer.py eval_input experiment=tiny
+    Both tables.
 """
 
 from __future__ import annotations
@@ -26,7 +34,28 @@ def eval_text_qa(argv: list[str]) -> dict:
     return metrics
 
 
-COMMANDS = {"eval_text_qa": eval_text_qa}
+def eval_asr(argv: list[str]) -> dict:
+    from modules.asr_eval import evaluate_asr
+
+    return evaluate_asr(load_config(argv, stage="input_2_align"))
+
+
+def eval_spoken_qa(argv: list[str]) -> dict:
+    from modules.spoken_qa_eval import evaluate_spoken_qa
+
+    return evaluate_spoken_qa(load_config(argv, stage="input_3_prompt"))
+
+
+def eval_input(argv: list[str]) -> dict:
+    return {"asr": eval_asr(argv), "spoken_qa": eval_spoken_qa(argv)}
+
+
+COMMANDS = {
+    "eval_text_qa": eval_text_qa,
+    "eval_asr": eval_asr,
+    "eval_spoken_qa": eval_spoken_qa,
+    "eval_input": eval_input,
+}
 
 
 def main(argv: list[str] | None = None) -> dict:

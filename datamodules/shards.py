@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import random
+import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
@@ -709,3 +710,18 @@ def iter_decoded(
         ),
     )
     yield from pipeline
+
+
+def iter_metadata(shards: str | os.PathLike | Sequence[str]) -> Iterator[tuple[str, dict]]:
+    """(key, metadata) of every sample, reading only the ``.json`` members (no audio is decoded)."""
+    for shard in resolve_shards(shards):
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if member.isfile() and member.name.endswith(".json"):
+                    key = member.name[: -len(".json")]
+                    try:
+                        meta = json.loads(tar.extractfile(member).read())  # type: ignore[union-attr]
+                    except (json.JSONDecodeError, UnicodeDecodeError) as exn:
+                        log.warning("bad JSON for %s in %s: %s", key, shard, exn)
+                        continue
+                    yield key, meta

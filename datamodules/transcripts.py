@@ -1,4 +1,4 @@
-"""Transcript normalisation, the CTC character vocabulary and word error rate.
+"""Transcript normalisation, CTC output units (characters or BPE pieces) and word error rate.
 
 One normalisation serves CTC targets, CTC hypotheses and LLM transcripts, so every WER in
 the tables compares like with like: lower case, letters, digits and apostrophes kept, hyphens
@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Iterable
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torchmetrics.functional.text import word_error_rate
 
 BLANK = "<blank>"
@@ -62,3 +64,49 @@ def wer(hypotheses: list[str], references: list[str]) -> float:
     hyps = [normalize_transcript(h) for h in hypotheses]
     refs = [normalize_transcript(r) for r in references]
     return float(word_error_rate(hyps, refs))
+
+
+class BPEUnits:
+    """CTC output units from a small BPE over normalised transcripts: index 0 is the blank.
+
+    Word pieces keep the label sequence well below the encoder's 25 Hz frame rate (characters
+    need about 0.7 labels per frame on fast synthetic speech, which starves CTC of blanks).
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.units = [BLANK] + [tokenizer.id_to_token(i) for i in range(tokenizer.get_vocab_size())]
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, alphabet: str) -> BPEUnits:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=list(alphabet), show_progress=False)
+        tok.train_from_iterator((normalize_transcript(t) for t in texts), trainer)
+        return cls(tok)
+
+    @classmethod
+    def from_json(cls, text: str) -> BPEUnits:
+        return cls(Tokenizer.from_str(text))
+
+    def to_json(self) -> str:
+        return self.tokenizer.to_str()
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def encode(self, text: str) -> list[int]:
+        return [i + 1 for i in self.tokenizer.encode(normalize_transcript(text)).ids]
+
+    def oov(self, text: str) -> set[str]:
+        alphabet = {u for u in self.units[1:] if len(u) == 1}
+        return {c for c in normalize_transcript(text).replace(" ", "") if c not in alphabet}
+
+    def decode(self, ids: list[int]) -> str:
+        out, prev = [], 0
+        for i in ids:
+            if i != prev and i != 0:
+                out.append(i - 1)
+            prev = i
+        return _SPACES.sub(" ", self.tokenizer.decode(out)).strip()

@@ -90,7 +90,9 @@ class DataConfig:
 class EvalConfig:
     batch_size: int = 64
     max_new_tokens: int = 64
-    limit: int = 0  # evaluate only the first N dialogues; 0 = all
+    limit: int = 0  # evaluate only the first N dialogues (utterances for ASR); 0 = all
+    # Chains compared in the ASR table: "" = the main one, others = stage.variant names.
+    variants: list[str] = field(default_factory=lambda: ["", "dynamic"])
 
 
 @dataclass

@@ -9,6 +9,7 @@ training chunk size; `evaluate_ctc` decodes a test split at any chunk size (Tabl
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 
 import torch
@@ -18,21 +19,44 @@ from tqdm.auto import tqdm
 
 from datamodules.asr import ASRDataConfig, ASRDataModule
 from datamodules.features import GlobalCMVN
-from datamodules.shards import iter_decoded
-from datamodules.transcripts import CharVocab, wer
+from datamodules.shards import iter_metadata
+from datamodules.transcripts import BPEUnits, CharVocab, wer
 from modules.encoder import SpeechEncoder
 from modules.tb import log_posteriorgram
-from modules.training import StageModule, fit, load_stage_outputs, make_optimizer, save_stage_output, write_metrics
+from modules.training import (
+    StageModule,
+    fit,
+    load_stage_outputs,
+    make_optimizer,
+    read_stage_output,
+    save_stage_output,
+    write_metrics,
+)
 
 log = logging.getLogger(__name__)
 
 
-class EncoderCTC(StageModule):
-    """Speech encoder + linear CTC head over characters."""
+CTCUnits = CharVocab | BPEUnits
 
-    def __init__(self, cfg: DictConfig):
+
+def make_units(cfg: DictConfig) -> CTCUnits:
+    """The CTC output units of `cfg.ctc`: characters, or a BPE trained on the training transcripts."""
+    if cfg.ctc.units == "char":
+        return CharVocab(cfg.ctc.vocab)
+    if cfg.ctc.units != "bpe":
+        raise ValueError(f"ctc.units must be 'bpe' or 'char', not '{cfg.ctc.units}'")
+    texts = [meta.get("text", "") for _, meta in iter_metadata(cfg.data.asr.train_shards)]
+    if not texts:
+        raise ValueError(f"no transcripts in {cfg.data.asr.train_shards} to train the CTC BPE on")
+    return BPEUnits.train(texts, cfg.ctc.bpe_vocab_size, cfg.ctc.vocab)
+
+
+class EncoderCTC(StageModule):
+    """Speech encoder + linear CTC head over BPE pieces or characters."""
+
+    def __init__(self, cfg: DictConfig, units: CTCUnits):
         super().__init__(cfg)
-        self.vocab = CharVocab(cfg.ctc.vocab)
+        self.vocab = units
         self.encoder = SpeechEncoder(OmegaConf.to_object(cfg.encoder))
         self.ctc_head = nn.Linear(self.encoder.output_dim, len(self.vocab))
 
@@ -98,30 +122,21 @@ def encoder_data_config(cfg: DictConfig, which: str = "asr") -> ASRDataConfig:
 
 
 def run(cfg: DictConfig) -> dict:
-    module = EncoderCTC(cfg)
+    module = EncoderCTC(cfg, make_units(cfg))
     if not cfg.data.asr.cmvn_path:
         raise ValueError("stage input_1_ctc needs data.asr.cmvn_path (CMVN stats from tools.compute_cmvn)")
     module.encoder.set_cmvn(GlobalCMVN.load(cfg.data.asr.cmvn_path))
-    oov = set().union(*(module.vocab.oov(t) for t in _sample_texts(cfg)))
+    oov = set().union(*(module.vocab.oov(m.get("text", "")) for _, m in iter_metadata(cfg.data.asr.dev_shards)))
     if oov:
         log.warning("transcript characters outside ctc.vocab are dropped from CTC targets: %s", sorted(oov))
     counts = module.apply_freezing(list(cfg.stage.trainable))
     trainer = fit(cfg, module, ASRDataModule(encoder_data_config(cfg)))
     metrics = {"component_params": counts, "train_steps": trainer.global_step}
     if trainer.global_rank == 0:
-        save_stage_output(cfg, module)
+        save_stage_output(cfg, module, extras={"ctc_units": units_json(module.vocab)})
         metrics.update(evaluate_ctc_split(cfg, module, "dev", [cfg.encoder.chunk_frames]))
         write_metrics(cfg, metrics)
     return metrics
-
-
-def _sample_texts(cfg: DictConfig, limit: int = 500) -> list[str]:
-    texts = []
-    for sample in iter_decoded(cfg.data.asr.dev_shards):
-        texts.append(sample["text"])
-        if len(texts) >= limit:
-            break
-    return texts
 
 
 @torch.inference_mode()
@@ -145,7 +160,21 @@ def evaluate_ctc_split(cfg: DictConfig, module: EncoderCTC, split: str, chunks: 
 
 def load_encoder_ctc(cfg: DictConfig, stage: str = "input_1_ctc") -> EncoderCTC:
     """The trained stage-1 module of `cfg`'s experiment (and variant), in eval mode."""
-    module = EncoderCTC(cfg)
+    saved = read_stage_output(cfg, stage)
+    module = EncoderCTC(cfg, units_from_json(saved.get("ctc_units")))
     load_stage_outputs(cfg, module, [stage])
     return module.eval()
+
+
+def units_json(units: CTCUnits) -> str:
+    if isinstance(units, BPEUnits):
+        return json.dumps({"bpe": units.to_json()})
+    return json.dumps({"chars": "".join(units.units[1:])})
+
+
+def units_from_json(text: str | None) -> CTCUnits:
+    if text is None:
+        raise ValueError("this input_1_ctc output has no CTC units (saved by an older version?)")
+    spec = json.loads(text)
+    return BPEUnits.from_json(spec["bpe"]) if "bpe" in spec else CharVocab(spec["chars"])
 

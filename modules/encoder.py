@@ -49,9 +49,11 @@ class EncoderConfig:
 
 @dataclass
 class CTCConfig:
-    """The CTC head of stage input_1_ctc: one output per character (plus the blank)."""
+    """The CTC head of stage input_1_ctc: outputs are BPE pieces or characters, plus the blank."""
 
-    vocab: str = " 'abcdefghijklmnopqrstuvwxyz0123456789"
+    units: str = "bpe"  # bpe | char
+    bpe_vocab_size: int = 256  # BPE pieces, trained on the training transcripts at stage start
+    vocab: str = " 'abcdefghijklmnopqrstuvwxyz0123456789"  # characters (the BPE's base alphabet)
 
 
 @dataclass

@@ -193,12 +193,26 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 STAGE_OUTPUT = "model.pt"
 
 
-def save_stage_output(cfg: DictConfig, module: StageModule) -> Path:
-    """runs/<exp>/<stage>/model.pt: the trained (trainable) weights plus the resolved config."""
+def save_stage_output(cfg: DictConfig, module: StageModule, extras: dict[str, str] | None = None) -> Path:
+    """runs/<exp>/<stage>/model.pt: the trained (trainable) weights, the resolved config and
+    `extras` (strings a later stage needs, e.g. the CTC units)."""
     path = run_dir(cfg) / STAGE_OUTPUT
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": module.trainable_state_dict(), "run_config": module.run_config}, path)
+    torch.save({"state_dict": module.trainable_state_dict(), "run_config": module.run_config, **(extras or {})}, path)
     return path
+
+
+def read_stage_output(cfg: DictConfig, stage: str) -> dict[str, Any]:
+    """The model.pt written by `stage` (of `cfg`'s experiment and variant)."""
+    path = run_dir(cfg, stage) / STAGE_OUTPUT
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"stage '{cfg.stage.name}' needs the output of '{stage}', but {path} does not exist; run "
+            f"`python train.py stage={stage} experiment={cfg.experiment}"
+            + (f" stage.variant={cfg.stage.variant}`" if cfg.stage.variant else "`")
+            + " first"
+        )
+    return read_checkpoint(path)
 
 
 def load_stage_outputs(cfg: DictConfig, module: nn.Module, stages: list[str] | None = None) -> list[str]:
@@ -212,12 +226,7 @@ def load_stage_outputs(cfg: DictConfig, module: nn.Module, stages: list[str] | N
     loaded: list[str] = []
     for stage in cfg.stage.init_from if stages is None else stages:
         path = run_dir(cfg, stage) / STAGE_OUTPUT
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"stage '{cfg.stage.name}' starts from '{stage}', but {path} does not exist; "
-                f"run `python train.py stage={stage} experiment={cfg.experiment}` first"
-            )
-        saved = read_checkpoint(path)
+        saved = read_stage_output(cfg, stage)
         # Components this model does not have (e.g. the CTC head after stage 1) stay behind.
         present = {k.split(".")[0] for k in own}
         theirs = {k: v for k, v in saved["state_dict"].items() if k.split(".")[0] in present}

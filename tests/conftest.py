@@ -59,6 +59,7 @@ def speech_args(tmp_path, mini_corpus, mini_llm) -> list[str]:
         "encoder.ffn_dim=32",
         "speech_llm.prompt_num=3",
         "speech_llm.max_answer_tokens=4",
+        "ctc.bpe_vocab_size=60",
         "trainer.max_steps=2",
         "trainer.val_check_interval=2",
         "trainer.limit_val_batches=1",

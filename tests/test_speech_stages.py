@@ -14,10 +14,12 @@ import train
 from datamodules.asr import ASRDataModule
 from datamodules.spoken_qa import SpokenQADataModule
 from modules.config import load_config, run_dir
-from modules.ctc import EncoderCTC, encoder_data_config
+from modules.ctc import EncoderCTC, encoder_data_config, make_units
 from modules.speech_llm import ChatLayout, StreamingInput, Turn, build, read_llm_answers
 from modules.training import load_stage_outputs, make_optimizer, read_checkpoint
-from tools.make_llm_answers import ensure_llm_answers
+from modules.asr_eval import evaluate_asr
+from modules.spoken_qa_eval import evaluate_spoken_qa
+from tools.make_llm_answers import ensure_llm_answers, read_dialogues
 
 DECLARED = {
     "input_1_ctc": {"encoder", "ctc_head"},
@@ -84,7 +86,7 @@ def test_chat_layout_matches_the_rendered_template(mini_llm):
 def test_speech_input_stage_chain(speech_args):
     # --- stage 1: CTC -------------------------------------------------------------------------
     cfg1 = load_config(["stage=input_1_ctc", *speech_args])
-    m1 = EncoderCTC(cfg1)
+    m1 = EncoderCTC(cfg1, make_units(cfg1))
     m1.apply_freezing(list(cfg1.stage.trainable))
     assert set(cfg1.stage.trainable) == DECLARED["input_1_ctc"]
     _check_one_step(m1, _first_batch(ASRDataModule(encoder_data_config(cfg1))), DECLARED["input_1_ctc"])
@@ -119,6 +121,19 @@ def test_speech_input_stage_chain(speech_args):
     metrics = train.main(["stage=input_3_prompt", *speech_args])
     assert metrics["train_steps"] == 2
     assert _saved_components(cfg3) == DECLARED["input_3_prompt"]
+
+    # --- evaluation: Table 1 and Table 3 from the trained chain -----------------------------------
+    cfg_eval = load_config(["stage=input_3_prompt", *speech_args, "eval.variants=['',dynamic]"])
+    asr = evaluate_asr(cfg_eval)
+    assert [(r["decoder"], r["variant"]) for r in asr["rows"]] == [("CTC", ""), ("LLM", "")]
+    assert len(asr["missing"]) == 1 and "input_1_ctc-dynamic" in asr["missing"][0]  # not trained: skipped
+    for row in asr["rows"]:
+        assert row["utterances"] == 3 and row["wer_chunk_full"] >= 0 and row["wer_chunk_4"] >= 0
+    qa = evaluate_spoken_qa(cfg_eval)
+    assert qa["num_dialogues"] == 3 and qa["num_turns"] == sum(len(d["turns"]) for d in read_dialogues(cfg_eval.data.spoken_qa.test_shards))
+    assert 0 <= qa["speech_accuracy"] <= 1 and 0 <= qa["text_accuracy"] <= 1
+    out = run_dir(cfg_eval).parent / "eval"
+    assert {"asr.json", "asr.md", "spoken_qa.json", "spoken_qa.md"} <= {p.name for p in out.iterdir()}
 
     # --- a later stage with an incompatible encoder names both sizes ------------------------------
     bad = load_config(["stage=input_2_align", *speech_args, "encoder.d_model=24", "encoder.num_heads=2"])

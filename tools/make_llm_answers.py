@@ -17,12 +17,11 @@ import hashlib
 import json
 import logging
 import sys
-import tarfile
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from datamodules.shards import resolve_shards
+from datamodules.shards import iter_metadata, resolve_shards
 from modules.config import ConfigError, load_config
 from modules.llm import load_llm
 from modules.qa_eval import evaluate_text_qa
@@ -32,16 +31,8 @@ SPLITS = ("train", "dev")
 
 
 def read_dialogues(shards: str) -> list[dict]:
-    """{"id", "turns": [{"question", "gold", "family"}]} of every dialogue in the shards (JSON only)."""
-    out = []
-    for shard in resolve_shards(shards):
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                if member.name.endswith(".json"):
-                    meta = json.loads(tar.extractfile(member).read())
-                    key = member.name[: -len(".json")]
-                    out.append({"id": meta.get("id", key), "key": key, "turns": meta["turns"]})
-    return out
+    """{"id", "key", "turns": [{"question", "gold", "family", ...}]} of every dialogue (JSON only)."""
+    return [{"id": meta.get("id", key), "key": key, "turns": meta["turns"]} for key, meta in iter_metadata(shards)]
 
 
 def fingerprint(cfg: DictConfig) -> dict:
