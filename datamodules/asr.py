@@ -62,6 +62,10 @@ class ASRDataConfig:
     freq_width: int = 10
     num_time_masks: int = 2
     time_width: int = 50
+    # Feature-domain speed (time stretch) and vocal-tract (mel-axis warp) perturbation, training only.
+    warp: bool = False
+    max_time_stretch: float = 0.15
+    max_freq_warp: float = 0.1
     resampled: bool = False  # draw training shards with replacement (needs epoch_batches)
     epoch_batches: int | None = None  # training batches per rank and epoch (set it for multi-GPU)
     cache_samples: bool = False  # keep decoded fbank in memory after the first epoch: small corpora with num_workers=0
@@ -135,6 +139,11 @@ class ASRDataModule(L.LightningDataModule):
             duration_tolerance=cfg.duration_tolerance,
             cmvn=self.cmvn,
             spec_augment_conf=cfg.spec_augment_conf() if (train and cfg.spec_augment) else None,
+            warp_conf=(
+                {"max_time_stretch": cfg.max_time_stretch, "max_freq_warp": cfg.max_freq_warp}
+                if (train and cfg.warp)
+                else None
+            ),
         )
 
     def make_dataset(self, split: str) -> ShardDataset:

@@ -246,3 +246,35 @@ def spec_augment(
         start = int(rng.integers(0, num_t - width + 1))
         out[start : start + width, :] = 0
     return out
+
+
+def _interp_rows(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Rows of x [N, ...] linearly interpolated at fractional `positions` [M] (clamped)."""
+    positions = positions.clamp(0, x.shape[0] - 1)
+    lo = positions.floor().long()
+    hi = (lo + 1).clamp(max=x.shape[0] - 1)
+    w = (positions - lo).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+    return x[lo] * (1 - w) + x[hi] * w
+
+
+def warp_augment(
+    feats: ArrayT, rng: np.random.Generator, max_time_stretch: float = 0.15, max_freq_warp: float = 0.1
+) -> ArrayT:
+    """Speed and vocal-tract-length perturbation in the feature domain; returns a new ``[T', F]``.
+
+    Time: the frames are resampled by a rate ``r ~ U(1 - max_time_stretch, 1 + max_time_stretch)``
+    (``T' = round(T / r)``). Frequency: the mel axis is scaled by ``a ~ U(1 - max_freq_warp,
+    1 + max_freq_warp)`` (bin j takes the value at j * a), which moves formants the way a
+    longer or shorter vocal tract does. Cheap enough to run on cached fbank every epoch, where
+    waveform speed perturbation would need the audio decoded and the fbank recomputed.
+    """
+    as_numpy = not isinstance(feats, torch.Tensor)
+    x = torch.as_tensor(np.asarray(feats) if as_numpy else feats, dtype=torch.float32)
+    if x.ndim != 2:
+        raise ValueError(f"warp_augment expects feats [T, F], got {tuple(x.shape)}")
+    rate = float(rng.uniform(1 - max_time_stretch, 1 + max_time_stretch))
+    alpha = float(rng.uniform(1 - max_freq_warp, 1 + max_freq_warp))
+    t_out = max(1, round(x.shape[0] / rate))
+    x = _interp_rows(x, torch.arange(t_out, dtype=torch.float32) * rate)
+    x = _interp_rows(x.T, torch.arange(x.shape[1], dtype=torch.float32) * alpha).T.contiguous()
+    return x.numpy() if as_numpy else x

@@ -40,7 +40,7 @@ from datamodules.audio import (
     load_audio,
     resample,
 )
-from datamodules.features import GlobalCMVN, fbank, spec_augment
+from datamodules.features import GlobalCMVN, fbank, spec_augment, warp_augment
 
 log = logging.getLogger(__name__)
 
@@ -309,6 +309,13 @@ def apply_spec_augment(
     return sample
 
 
+def apply_warp(sample: Sample, *, rng: np.random.Generator, max_time_stretch: float, max_freq_warp: float) -> Sample:
+    """Feature-domain speed + vocal-tract perturbation of every ``feats`` (see :func:`warp_augment`)."""
+    for unit in _units(sample):
+        unit["feats"] = warp_augment(unit["feats"], rng, max_time_stretch, max_freq_warp)
+    return sample
+
+
 def sample_frames(sample: Sample) -> int:
     """Feature frames of a sample (sum over turns for QA); the bucketing length."""
     return sum(int(unit["feats"].shape[0]) for unit in _units(sample))
@@ -333,17 +340,21 @@ def build_stages(
     duration_tolerance: float = 0.1,
     cmvn: GlobalCMVN | None = None,
     spec_augment_conf: dict | None = None,
+    warp_conf: dict | None = None,
 ) -> list[Stage]:
-    """The standard processor chain: decode -> filter -> fbank -> [CMVN] -> [SpecAugment].
+    """The standard processor chain: decode -> filter -> fbank -> [warp] -> [CMVN] -> [SpecAugment].
 
     ``spec_augment_conf`` (keyword arguments of :func:`apply_spec_augment` without ``rng``) enables
-    SpecAugment with ``rng``. Used by both the ASR and the spoken-QA data modules.
+    SpecAugment with ``rng``; ``warp_conf`` (keyword arguments of :func:`apply_warp`) enables the
+    feature-domain speed / vocal-tract perturbation before CMVN. Used by both the ASR and the spoken-QA data modules.
     """
     stages: list[Stage] = [
         partial(decode_sample, kind=kind, duration_tolerance=duration_tolerance),
         partial(filter_sample, min_duration_s=min_duration_s, max_duration_s=max_duration_s),
         compute_fbank,
     ]
+    if warp_conf is not None:
+        stages.append(partial(apply_warp, rng=rng, **warp_conf))
     if cmvn is not None:
         stages.append(partial(apply_cmvn, cmvn=cmvn))
     if spec_augment_conf is not None:

@@ -68,7 +68,9 @@ class SpeechAdapter(nn.Module):
 
     def init_state(self, batch_size: int = 1) -> AdapterState:
         w = self.conv.weight
-        return AdapterState(torch.zeros(batch_size, self.cfg.kernel_size - 1, self.input_dim, device=w.device, dtype=w.dtype))
+        return AdapterState(
+            torch.zeros(batch_size, self.cfg.kernel_size - 1, self.input_dim, device=w.device, dtype=w.dtype)
+        )
 
     def stream(self, x: torch.Tensor, state: AdapterState) -> tuple[torch.Tensor, AdapterState]:
         """Feed encoder frames `x [B, t, D_enc]`; return (new embeddings [B, n, D_llm], new state)."""

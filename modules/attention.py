@@ -24,9 +24,7 @@ import torch
 from torch import nn
 
 
-def chunk_mask(
-    query_pos: torch.Tensor, key_pos: torch.Tensor, chunk_frames: int, left_chunks: int
-) -> torch.Tensor:
+def chunk_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, chunk_frames: int, left_chunks: int) -> torch.Tensor:
     """Bool [Tq, Tk]: may query frame `query_pos[i]` attend to key frame `key_pos[j]`.
 
     Positions are absolute frame indices of one stream, so the same function builds the

@@ -102,8 +102,12 @@ class EncoderCTC(StageModule):
             text = "\n\n".join(f"REF: {r}  \nHYP: {h}" for r, h in zip(batch["texts"][:4], hyps[:4]))
             self.logger.experiment.add_text("samples/ctc_greedy", text, self.global_step)
             log_posteriorgram(
-                self.logger.experiment, "samples/fbank_and_ctc", batch["feats"][0, : batch["feats_lens"][0]],
-                log_probs[0, : lens[0]], self.vocab.units, self.global_step,
+                self.logger.experiment,
+                "samples/fbank_and_ctc",
+                batch["feats"][0, : batch["feats_lens"][0]],
+                log_probs[0, : lens[0]],
+                self.vocab.units,
+                self.global_step,
             )
 
     def configure_optimizers(self):
@@ -177,4 +181,3 @@ def units_from_json(text: str | None) -> CTCUnits:
         raise ValueError("this input_1_ctc output has no CTC units (saved by an older version?)")
     spec = json.loads(text)
     return BPEUnits.from_json(spec["bpe"]) if "bpe" in spec else CharVocab(spec["chars"])
-

@@ -70,9 +70,7 @@ class EncoderState:
     frames_out: int = 0
 
     def clone(self) -> EncoderState:
-        return EncoderState(
-            self.pending.clone(), None if self.cache is None else self.cache.clone(), self.frames_out
-        )
+        return EncoderState(self.pending.clone(), None if self.cache is None else self.cache.clone(), self.frames_out)
 
 
 class EncoderLayer(nn.Module):

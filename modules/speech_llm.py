@@ -315,7 +315,10 @@ class StreamingInput:
         n = emb.shape[0]
         pos = torch.arange(state.positions, state.positions + n, device=emb.device)[None]
         out = self.model.llm(
-            inputs_embeds=emb[None], position_ids=pos, past_key_values=state.cache, use_cache=True,
+            inputs_embeds=emb[None],
+            position_ids=pos,
+            past_key_values=state.cache,
+            use_cache=True,
             output_hidden_states=True,
         )
         state.positions += n
@@ -410,7 +413,7 @@ def run(cfg: DictConfig) -> dict:
     load_stage_outputs(cfg, module)
     counts = module.apply_freezing(list(cfg.stage.trainable))
     if module.task == PROMPT:
-        from tools.make_llm_answers import ensure_llm_answers  # noqa: PLC0415 (tool imports this module)
+        from tools.make_llm_answers import ensure_llm_answers
 
         ensure_llm_answers(cfg)
         module.llm_answers = {**read_llm_answers(cfg, "train"), **read_llm_answers(cfg, "dev")}
@@ -437,7 +440,7 @@ def load_speech_llm(cfg: DictConfig, stages: list[str]) -> SpeechLLM:
 @torch.inference_mode()
 def evaluate_llm_asr(cfg: DictConfig, module: SpeechLLM, split: str, chunks: list[int]) -> dict:
     """WER of the transcripts the frozen LLM emits (stage-2 decoding) at each chunk size."""
-    from tqdm.auto import tqdm  # noqa: PLC0415
+    from tqdm.auto import tqdm
 
     was_training = module.training
     module.eval()

@@ -250,7 +250,9 @@ def load_stage_outputs(cfg: DictConfig, module: nn.Module, stages: list[str] | N
     return loaded
 
 
-def config_differences(theirs: dict, ours: dict, prefix: str = "", sections=("encoder", "adapter", "ctc", "llm", "speech_llm")) -> list[str]:
+def config_differences(
+    theirs: dict, ours: dict, prefix: str = "", sections=("encoder", "adapter", "ctc", "llm", "speech_llm")
+) -> list[str]:
     """'encoder.d_model: 144 -> 192' for the component settings that differ."""
     out: list[str] = []
     for key in sorted(set(theirs) | set(ours)):

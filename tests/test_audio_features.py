@@ -241,3 +241,21 @@ def test_encode_flac_round_trip():
     assert info.format == "FLAC" and info.subtype == "PCM_16" and info.samplerate == 22050
     back, _ = load_audio(data)
     np.testing.assert_allclose(back, wav, atol=1 / 32767 + 1e-6)
+
+
+def test_warp_augment_stretches_time_and_warps_frequency():
+    from datamodules.features import warp_augment
+
+    rng = np.random.default_rng(0)
+    feats = torch.randn(200, 80)
+    same = warp_augment(feats, np.random.default_rng(1), max_time_stretch=0.0, max_freq_warp=0.0)
+    assert torch.allclose(same, feats, atol=1e-6)  # rate 1 and alpha 1: the identity
+    lengths = {warp_augment(feats, rng, 0.15, 0.1).shape[0] for _ in range(50)}
+    assert min(lengths) >= round(200 / 1.15) and max(lengths) <= round(200 / 0.85) and len(lengths) > 5
+    # A pure tone in bin 40 moves to bin 40 / alpha under a mel-axis warp by alpha.
+    tone = torch.zeros(50, 80)
+    tone[:, 40] = 1.0
+    warped = warp_augment(tone, np.random.default_rng(3), 0.0, 0.1)
+    peak = int(warped[0].argmax())
+    assert peak != 40 and abs(peak - 40) <= 40 * 0.1 / 0.9 + 1
+    assert isinstance(warp_augment(feats.numpy(), rng), np.ndarray)

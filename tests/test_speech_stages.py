@@ -13,12 +13,12 @@ import torch
 import train
 from datamodules.asr import ASRDataModule
 from datamodules.spoken_qa import SpokenQADataModule
+from modules.asr_eval import evaluate_asr
 from modules.config import load_config, run_dir
 from modules.ctc import EncoderCTC, encoder_data_config, make_units
 from modules.speech_llm import ChatLayout, StreamingInput, Turn, build, read_llm_answers
-from modules.training import load_stage_outputs, make_optimizer, read_checkpoint
-from modules.asr_eval import evaluate_asr
 from modules.spoken_qa_eval import evaluate_spoken_qa
+from modules.training import load_stage_outputs, make_optimizer, read_checkpoint
 from tools.make_llm_answers import ensure_llm_answers, read_dialogues
 
 DECLARED = {
@@ -91,7 +91,7 @@ def test_speech_input_stage_chain(speech_args):
     assert set(cfg1.stage.trainable) == DECLARED["input_1_ctc"]
     _check_one_step(m1, _first_batch(ASRDataModule(encoder_data_config(cfg1))), DECLARED["input_1_ctc"])
     metrics = train.main(["stage=input_1_ctc", *speech_args])
-    assert metrics["train_steps"] == 2 and 0.0 <= metrics["ctc_wer_dev_chunk4"]
+    assert metrics["train_steps"] == 2 and metrics["ctc_wer_dev_chunk4"] >= 0.0
     assert _saved_components(cfg1) == DECLARED["input_1_ctc"]
     saved = read_checkpoint(run_dir(cfg1) / "model.pt")["state_dict"]
     assert "encoder.cmvn_mean" in saved and saved["encoder.cmvn_istd"].ne(1).any()  # CMVN travels with it
@@ -130,7 +130,9 @@ def test_speech_input_stage_chain(speech_args):
     for row in asr["rows"]:
         assert row["utterances"] == 3 and row["wer_chunk_full"] >= 0 and row["wer_chunk_4"] >= 0
     qa = evaluate_spoken_qa(cfg_eval)
-    assert qa["num_dialogues"] == 3 and qa["num_turns"] == sum(len(d["turns"]) for d in read_dialogues(cfg_eval.data.spoken_qa.test_shards))
+    assert qa["num_dialogues"] == 3 and qa["num_turns"] == sum(
+        len(d["turns"]) for d in read_dialogues(cfg_eval.data.spoken_qa.test_shards)
+    )
     assert 0 <= qa["speech_accuracy"] <= 1 and 0 <= qa["text_accuracy"] <= 1
     out = run_dir(cfg_eval).parent / "eval"
     assert {"asr.json", "asr.md", "spoken_qa.json", "spoken_qa.md"} <= {p.name for p in out.iterdir()}

@@ -140,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         },
         "input_path_rtf": round(rtf, 4),
     }
-    print(f"streaming input path ({args.experiment}, {args.threads} threads, {result['stream_seconds']} s of audio, LLM: {llm_kind})")
+    print(
+        f"streaming input path ({args.experiment}, {args.threads} threads, {result['stream_seconds']} s of audio, LLM: {llm_kind})"
+    )
     print("| measurement | value | target |")
     print("|---|---|---|")
     print(f"| encoder + adapter per 160 ms chunk at 1 s | {enc_early:.2f} ms | |")

@@ -43,8 +43,12 @@ def fingerprint(cfg: DictConfig) -> dict:
         st = f.stat()
         h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
     shards = {s: resolve_shards(cfg.data.spoken_qa[f"{s}_shards"]) for s in SPLITS}
-    return {"llm_path": str(llm), "llm_files": h.hexdigest(), "shards": shards,
-            "max_new_tokens": cfg.speech_llm.max_answer_tokens}
+    return {
+        "llm_path": str(llm),
+        "llm_files": h.hexdigest(),
+        "shards": shards,
+        "max_new_tokens": cfg.speech_llm.max_answer_tokens,
+    }
 
 
 def make_llm_answers(cfg: DictConfig) -> Path:

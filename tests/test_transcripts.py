@@ -1,0 +1,49 @@
+"""Transcript normalisation, CTC units and WER."""
+
+import pytest
+
+from datamodules.transcripts import BPEUnits, CharVocab, normalize_transcript, wer
+
+
+def test_normalize_transcript():
+    assert (
+        normalize_transcript("Sofia enjoys playing the piano, on Sundays!")
+        == "sofia enjoys playing the piano on sundays"
+    )
+    assert normalize_transcript("  Whose ladder\u2019s this?  ") == "whose ladder's this"
+    assert normalize_transcript("twenty-one / two") == "twenty one two"
+
+
+def test_char_vocab_round_trip_and_ctc_collapse():
+    vocab = CharVocab(" 'abcdefghijklmnopqrstuvwxyz")
+    ids = vocab.encode("The cup, red.")
+    assert vocab.decode(ids) == "the cup red"
+    # CTC collapse: repeats merge unless a blank separates them
+    a, b, space = vocab.encode("a")[0], vocab.encode("b")[0], vocab.encode("a b")[1]
+    assert vocab.decode([0, a, a, 0, a, space, b, b, 0]) == "aa b"
+    assert vocab.oov("café 3") == {"é", "3"}
+    with pytest.raises(ValueError, match="repeated"):
+        CharVocab("aab")
+
+
+def test_bpe_units_round_trip_and_serialisation():
+    texts = ["the red fox runs home", "seven small dogs sleep at home", "the fox sleeps"] * 20
+    units = BPEUnits.train(texts, 60, " 'abcdefghijklmnopqrstuvwxyz")
+    ids = units.encode("The red dogs sleep.")
+    assert 0 not in ids and max(ids) < len(units)
+    assert units.decode(ids) == "the red dogs sleep"
+    assert len(ids) < len("the red dogs sleep")  # pieces, not characters
+    again = BPEUnits.from_json(units.to_json())
+    assert again.encode("the red fox") == units.encode("the red fox")
+    assert (
+        units.decode([0, ids[0], ids[0], 0, ids[1]])
+        == units.decode([ids[0], ids[1]])
+        != units.decode([ids[0], 0, ids[0], ids[1]])
+    )
+
+
+def test_wer_counts_word_edits_on_normalised_text():
+    assert wer(["the cup is red"], ["The cup is red."]) == 0.0
+    assert wer(["the cap is red", "a b"], ["the cup is red", "a b c"]) == pytest.approx(2 / 7)
+    with pytest.raises(ValueError):
+        wer(["a"], [])
