@@ -23,9 +23,8 @@ $(VENV)/.installed: pyproject.toml
 corpus: setup ## synthesize the tiny eSpeak corpus, write its shards and CMVN stats
 	$(PY) -m tools.prepare_corpus --out $(CORPUS)
 
-demo: corpus ## the embedded default end to end: corpus, stand-in LLM, speech input stages, Tables 1 and 3
+demo: corpus ## the embedded default: corpus, stand-in LLM, its evaluation (speech input: make demo-input)
 	$(PY) train.py stage=llm_text experiment=$(EXP)
-	$(MAKE) demo-input
 
 demo-input: setup ## speech input only (needs the corpus and stage llm_text): 3 stages + the dynamic-chunk variant, both tables
 	$(PY) train.py stage=input_1_ctc experiment=$(EXP)
