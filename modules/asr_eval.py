@@ -14,25 +14,15 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
-from datamodules.asr import ASRDataModule
 from datamodules.transcripts import wer
-from modules.config import run_dir
-from modules.ctc import encoder_data_config, greedy_decode, load_encoder_ctc
-from modules.speech_llm import ALIGN, load_speech_llm
+from modules.config import eval_dir, run_dir
+from modules.ctc import ctc_decoder, decode_split, load_encoder_ctc
+from modules.speech_llm import ALIGN, llm_decoder, load_speech_llm
 
 log = logging.getLogger(__name__)
-
-
-def eval_dir(cfg: DictConfig) -> Path:
-    out = Path(cfg.run_root) / cfg.experiment / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 def with_variant(cfg: DictConfig, variant: str) -> DictConfig:
@@ -47,25 +37,11 @@ def variant_label(cfg: DictConfig, variant: str) -> str:
     return "dynamic chunks" if variant == "dynamic" else variant
 
 
-@torch.inference_mode()
 def decode_test(cfg: DictConfig, chunks: list[int], limit: int = 0) -> dict:
     """WER of CTC and LLM decoding of the ASR test split at each chunk size, for one variant."""
-    ctc = load_encoder_ctc(cfg)
-    llm = load_speech_llm(cfg, ["input_2_align"])
-    loader = ASRDataModule(encoder_data_config(cfg)).make_loader("test")
-    refs: list[str] = []
-    hyps: dict[str, list[str]] = {f"{d}_{c}": [] for d in ("ctc", "llm") for c in chunks}
-    examples: list[dict] = []
-    for batch in tqdm(loader, desc=f"ASR test ({cfg.stage.variant or 'main'})", unit="batch"):
-        refs += batch["texts"]
-        for c in chunks:
-            log_probs, lens = ctc.log_probs(batch["feats"], batch["feats_lens"], chunk_frames=c)
-            hyps[f"ctc_{c}"] += greedy_decode(ctc.vocab, log_probs, lens)
-            hyps[f"llm_{c}"] += llm.generate(batch["feats"], batch["feats_lens"], ALIGN, chunk_frames=c)
-        if limit and len(refs) >= limit:
-            break
-    for i in range(min(5, len(refs))):
-        examples.append({"ref": refs[i], **{k: v[i] for k, v in hyps.items()}})
+    decoders = {"ctc": ctc_decoder(load_encoder_ctc(cfg)), "llm": llm_decoder(load_speech_llm(cfg, [ALIGN]))}
+    refs, hyps = decode_split(cfg, "test", decoders, chunks, limit, desc=f"ASR test ({cfg.stage.variant or 'main'})")
+    examples = [{"ref": refs[i], **{k: v[i] for k, v in hyps.items()}} for i in range(min(5, len(refs)))]
     return {"utterances": len(refs), "wer": {k: wer(v, refs) for k, v in hyps.items()}, "examples": examples}
 
 

@@ -231,6 +231,13 @@ def run_dir(cfg: DictConfig, stage: str | None = None) -> Path:
     return Path(cfg.run_root) / cfg.experiment / (f"{name}-{cfg.stage.variant}" if cfg.stage.variant else name)
 
 
+def eval_dir(cfg: DictConfig) -> Path:
+    """runs/<experiment>/eval/: the tables (Markdown + JSON) and benchmark results; created."""
+    out = Path(cfg.run_root) / cfg.experiment / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def save_config(cfg: DictConfig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, path, resolve=True)

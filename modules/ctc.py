@@ -3,7 +3,7 @@
 The encoder learns to turn speech into frames that carry its words before it ever meets
 the LLM. It applies the CMVN statistics of `data.asr.cmvn_path` itself (stored with its
 weights), so the data module hands it raw fbank. Validation reports CTC greedy WER at the
-training chunk size; `evaluate_ctc` decodes a test split at any chunk size (Table 1).
+training chunk size; `decode_split` decodes a split at any chunk size (Table 1).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Callable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -26,7 +27,7 @@ from modules.tb import log_posteriorgram
 from modules.training import (
     StageModule,
     fit,
-    load_stage_outputs,
+    load_saved_weights,
     make_optimizer,
     read_stage_output,
     save_stage_output,
@@ -114,7 +115,7 @@ class EncoderCTC(StageModule):
         return make_optimizer(self, self.cfg.optim, self.cfg.trainer.max_steps)
 
 
-def greedy_decode(vocab: CharVocab, log_probs: torch.Tensor, lens: torch.Tensor) -> list[str]:
+def greedy_decode(vocab: CTCUnits, log_probs: torch.Tensor, lens: torch.Tensor) -> list[str]:
     best = log_probs.argmax(-1).cpu()
     return [vocab.decode(best[i, : int(lens[i])].tolist()) for i in range(len(best))]
 
@@ -143,21 +144,45 @@ def run(cfg: DictConfig) -> dict:
     return metrics
 
 
+Decoder = Callable[[dict, int], list[str]]  # (batch, chunk_frames) -> hypotheses
+
+
 @torch.inference_mode()
+def decode_split(
+    cfg: DictConfig, split: str, decoders: dict[str, Decoder], chunks: list[int], limit: int = 0, desc: str = ""
+) -> tuple[list[str], dict[str, list[str]]]:
+    """Run every decoder at every chunk size (0 = full context) over an ASR split.
+
+    Returns (references, {"<decoder>_<chunk>": hypotheses}); stops after `limit` utterances if set.
+    """
+    refs: list[str] = []
+    hyps: dict[str, list[str]] = {f"{d}_{c}": [] for d in decoders for c in chunks}
+    loader = ASRDataModule(encoder_data_config(cfg)).make_loader(split)
+    for batch in tqdm(loader, desc=desc or f"decode {split}", unit="batch", leave=False):
+        refs += batch["texts"]
+        for name, decode in decoders.items():
+            for c in chunks:
+                hyps[f"{name}_{c}"] += decode(batch, c)
+        if limit and len(refs) >= limit:
+            break
+    return refs, hyps
+
+
+def ctc_decoder(module: EncoderCTC) -> Decoder:
+    def decode(batch: dict, chunk_frames: int) -> list[str]:
+        log_probs, lens = module.log_probs(batch["feats"], batch["feats_lens"], chunk_frames=chunk_frames)
+        return greedy_decode(module.vocab, log_probs, lens)
+
+    return decode
+
+
 def evaluate_ctc_split(cfg: DictConfig, module: EncoderCTC, split: str, chunks: list[int]) -> dict:
     """CTC greedy WER on `split` at each chunk size (0 = full context): {"ctc_wer_<split>_chunk<c>": w}."""
     was_training = module.training
     module.eval()
-    data = ASRDataModule(encoder_data_config(cfg))
-    refs: list[str] = []
-    hyps: dict[int, list[str]] = {c: [] for c in chunks}
-    for batch in tqdm(data.make_loader(split), desc=f"CTC {split}", unit="batch", leave=False):
-        refs += batch["texts"]
-        for c in chunks:
-            log_probs, lens = module.log_probs(batch["feats"], batch["feats_lens"], chunk_frames=c)
-            hyps[c] += greedy_decode(module.vocab, log_probs, lens)
+    refs, hyps = decode_split(cfg, split, {"ctc": ctc_decoder(module)}, chunks, desc=f"CTC {split}")
     module.train(was_training)
-    out = {f"ctc_wer_{split}_chunk{c or 'full'}": wer(hyps[c], refs) for c in chunks}
+    out = {f"ctc_wer_{split}_chunk{c or 'full'}": wer(hyps[f"ctc_{c}"], refs) for c in chunks}
     log.info("%s", out)
     return out
 
@@ -166,7 +191,7 @@ def load_encoder_ctc(cfg: DictConfig, stage: str = "input_1_ctc") -> EncoderCTC:
     """The trained stage-1 module of `cfg`'s experiment (and variant), in eval mode."""
     saved = read_stage_output(cfg, stage)
     module = EncoderCTC(cfg, units_from_json(saved.get("ctc_units")))
-    load_stage_outputs(cfg, module, [stage])
+    load_saved_weights(cfg, module, stage, saved)
     return module.eval()
 
 

@@ -39,7 +39,7 @@ from datamodules.spoken_qa import SpokenQADataModule
 from datamodules.text_qa import IGNORE_INDEX
 from datamodules.transcripts import wer
 from modules.adapter import AdapterState, SpeechAdapter
-from modules.ctc import encoder_data_config
+from modules.ctc import Decoder, decode_split, encoder_data_config
 from modules.embeddings import PromptEmbedding, SpeechSpecials
 from modules.encoder import EncoderState, SpeechEncoder
 from modules.llm import SYSTEM_PROMPT, load_llm
@@ -48,6 +48,7 @@ from modules.training import StageModule, fit, load_stage_outputs, make_optimize
 log = logging.getLogger(__name__)
 
 ALIGN, PROMPT = "input_2_align", "input_3_prompt"
+CHUNK_SAMPLES = 2560  # the streaming chunk: 160 ms of 16 kHz audio
 
 
 # --- the chat template around speech ----------------------------------------------------------
@@ -437,21 +438,21 @@ def load_speech_llm(cfg: DictConfig, stages: list[str]) -> SpeechLLM:
     return module.eval()
 
 
-@torch.inference_mode()
+def llm_decoder(module: SpeechLLM) -> Decoder:
+    """Transcripts the frozen LLM emits for the speech (stage-2 decoding)."""
+
+    def decode(batch: dict, chunk_frames: int) -> list[str]:
+        return module.generate(batch["feats"], batch["feats_lens"], ALIGN, chunk_frames=chunk_frames)
+
+    return decode
+
+
 def evaluate_llm_asr(cfg: DictConfig, module: SpeechLLM, split: str, chunks: list[int]) -> dict:
     """WER of the transcripts the frozen LLM emits (stage-2 decoding) at each chunk size."""
-    from tqdm.auto import tqdm
-
     was_training = module.training
     module.eval()
-    data = ASRDataModule(encoder_data_config(cfg, "asr"))
-    refs: list[str] = []
-    hyps: dict[int, list[str]] = {c: [] for c in chunks}
-    for batch in tqdm(data.make_loader(split), desc=f"LLM ASR {split}", unit="batch", leave=False):
-        refs += batch["texts"]
-        for c in chunks:
-            hyps[c] += module.generate(batch["feats"], batch["feats_lens"], ALIGN, chunk_frames=c)
+    refs, hyps = decode_split(cfg, split, {"llm": llm_decoder(module)}, chunks, desc=f"LLM ASR {split}")
     module.train(was_training)
-    out = {f"llm_wer_{split}_chunk{c or 'full'}": wer(hyps[c], refs) for c in chunks}
+    out = {f"llm_wer_{split}_chunk{c or 'full'}": wer(hyps[f"llm_{c}"], refs) for c in chunks}
     log.info("%s", out)
     return out

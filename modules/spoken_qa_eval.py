@@ -22,14 +22,13 @@ from tqdm.auto import tqdm
 
 from datamodules.answers import check_answer
 from datamodules.shards import iter_decoded
-from modules.asr_eval import eval_dir
+from modules.config import eval_dir
 from modules.llm import load_llm
 from modules.qa_eval import evaluate_text_qa
-from modules.speech_llm import PROMPT, StreamingInput, load_speech_llm
+from modules.speech_llm import CHUNK_SAMPLES, PROMPT, StreamingInput, load_speech_llm
 from tools.make_llm_answers import read_dialogues
 
 log = logging.getLogger(__name__)
-CHUNK_SAMPLES = 2560  # 160 ms at 16 kHz
 
 
 def speech_qa(cfg: DictConfig, limit: int = 0) -> list[dict]:

@@ -218,36 +218,42 @@ def read_stage_output(cfg: DictConfig, stage: str) -> dict[str, Any]:
 def load_stage_outputs(cfg: DictConfig, module: nn.Module, stages: list[str] | None = None) -> list[str]:
     """Copy the weights saved by the `stages` (default `cfg.stage.init_from`) into `module`.
 
-    Saved components the module lacks are left out; every other saved tensor must exist in `module` with the same shape; otherwise the error names
-    the tensor, both shapes and the config values that differ between the two runs.
-    Returns the names of the tensors loaded.
+    See `load_saved_weights`. Returns the names of the tensors loaded.
     """
-    own = module.state_dict()
     loaded: list[str] = []
     for stage in cfg.stage.init_from if stages is None else stages:
-        path = run_dir(cfg, stage) / STAGE_OUTPUT
-        saved = read_stage_output(cfg, stage)
-        # Components this model does not have (e.g. the CTC head after stage 1) stay behind.
-        present = {k.split(".")[0] for k in own}
-        theirs = {k: v for k, v in saved["state_dict"].items() if k.split(".")[0] in present}
-        unknown = sorted(set(theirs) - set(own))
-        bad = [
-            f"{k}: {stage} saved {tuple(v.shape)}, this model has {tuple(own[k].shape)}"
-            for k, v in theirs.items()
-            if k in own and v.shape != own[k].shape
-        ]
-        if unknown or bad:
-            diff = config_differences(saved.get("run_config", {}), to_container(cfg))
-            raise ValueError(
-                f"{path} does not fit stage '{cfg.stage.name}':\n  "
-                + "\n  ".join(bad[:8] + [f"{k}: not in this model" for k in unknown[:5]])
-                + ("\nconfig values that differ (theirs -> ours):\n  " + "\n  ".join(diff) if diff else "")
-            )
-        for k, v in theirs.items():
-            own[k].copy_(v)
-        loaded += list(theirs)
-        log.info("loaded %d tensors from %s", len(theirs), path)
+        loaded += load_saved_weights(cfg, module, stage, read_stage_output(cfg, stage))
     return loaded
+
+
+def load_saved_weights(cfg: DictConfig, module: nn.Module, stage: str, saved: dict[str, Any]) -> list[str]:
+    """Copy the weights of `saved` (the output of `stage`, see `read_stage_output`) into `module`.
+
+    Saved components the module lacks (e.g. the CTC head after stage 1) are left out; every
+    other saved tensor must exist in `module` with the same shape; otherwise the error names
+    the tensor, both shapes and the config values that differ between the two runs.
+    """
+    own = module.state_dict()
+    present = {k.split(".")[0] for k in own}
+    theirs = {k: v for k, v in saved["state_dict"].items() if k.split(".")[0] in present}
+    unknown = sorted(set(theirs) - set(own))
+    bad = [
+        f"{k}: {stage} saved {tuple(v.shape)}, this model has {tuple(own[k].shape)}"
+        for k, v in theirs.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    path = run_dir(cfg, stage) / STAGE_OUTPUT
+    if unknown or bad:
+        diff = config_differences(saved.get("run_config", {}), to_container(cfg))
+        raise ValueError(
+            f"{path} does not fit stage '{cfg.stage.name}':\n  "
+            + "\n  ".join(bad[:8] + [f"{k}: not in this model" for k in unknown[:5]])
+            + ("\nconfig values that differ (theirs -> ours):\n  " + "\n  ".join(diff) if diff else "")
+        )
+    for k, v in theirs.items():
+        own[k].copy_(v)
+    log.info("loaded %d tensors from %s", len(theirs), path)
+    return list(theirs)
 
 
 def config_differences(

@@ -32,11 +32,10 @@ from transformers import DynamicCache, Qwen2ForCausalLM
 from datamodules.features import StreamingFbank, fbank
 from datamodules.shards import iter_decoded
 from modules.adapter import SpeechAdapter
-from modules.config import load_config
+from modules.config import eval_dir, load_config
 from modules.encoder import SpeechEncoder
 from modules.llm import load_llm, qwen2_config
-
-CHUNK_SAMPLES = 2560  # 160 ms at 16 kHz
+from modules.speech_llm import CHUNK_SAMPLES
 
 
 def test_audio(cfg, seconds: float) -> np.ndarray:
@@ -164,8 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         f" + LLM prefill {ip['llm_prefill']:.2f} ms) | {ip['total']:.2f} ms | |"
     )
     print(f"| real-time factor of the input path | {rtf:.3f} | < 1 |")
-    out = Path(cfg.run_root) / cfg.experiment / "eval" / "bench_input.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = eval_dir(cfg) / "bench_input.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"written to {out}")
     return 0
