@@ -52,14 +52,41 @@ def make_units(cfg: DictConfig) -> CTCUnits:
     return BPEUnits.train(texts, cfg.ctc.bpe_vocab_size, cfg.ctc.vocab)
 
 
+class CTCHead(nn.Module):
+    """Linear CTC output layer, plus (with `aux_units`) an auxiliary one on an inner encoder layer."""
+
+    def __init__(self, dim: int, units: int, aux_units: int = 0):
+        super().__init__()
+        self.out = nn.Linear(dim, units)
+        self.aux = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, aux_units)) if aux_units else None
+
+    def forward(self, enc: torch.Tensor) -> torch.Tensor:
+        return self.out(enc)
+
+
+def ctc_loss(log_probs: torch.Tensor, lens: torch.Tensor, targets: list[list[int]]) -> torch.Tensor:
+    """Summed CTC loss per utterance, averaged over the batch (log_probs [B, T', V])."""
+    flat = torch.tensor([u for t in targets for u in t], dtype=torch.long, device=log_probs.device)
+    target_lens = torch.tensor([len(t) for t in targets], dtype=torch.long)
+    loss = nn.functional.ctc_loss(
+        log_probs.transpose(0, 1), flat, lens, target_lens, blank=0, reduction="sum", zero_infinity=True
+    )
+    return loss / len(targets)
+
+
 class EncoderCTC(StageModule):
-    """Speech encoder + linear CTC head over BPE pieces or characters."""
+    """Speech encoder + linear CTC head over BPE pieces or characters (+ optional auxiliary character CTC)."""
 
     def __init__(self, cfg: DictConfig, units: CTCUnits):
         super().__init__(cfg)
         self.vocab = units
         self.encoder = SpeechEncoder(OmegaConf.to_object(cfg.encoder))
-        self.ctc_head = nn.Linear(self.encoder.output_dim, len(self.vocab))
+        self.aux_layer = int(cfg.ctc.aux_layer)
+        if not 0 <= self.aux_layer <= cfg.encoder.num_layers:
+            raise ValueError(f"ctc.aux_layer must be in 0..{cfg.encoder.num_layers} (encoder.num_layers)")
+        self.aux_vocab = CharVocab(cfg.ctc.vocab) if self.aux_layer else None
+        aux_units = len(self.aux_vocab) if self.aux_vocab else 0
+        self.ctc_head = CTCHead(self.encoder.output_dim, len(self.vocab), aux_units)
 
     def components(self) -> dict[str, nn.Module]:
         return {"encoder": self.encoder, "ctc_head": self.ctc_head}
@@ -69,32 +96,32 @@ class EncoderCTC(StageModule):
         enc, enc_lens = self.encoder(feats, feats_lens, chunk_frames, left_chunks)
         return self.ctc_head(enc).float().log_softmax(-1), enc_lens
 
-    def _loss(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        log_probs, lens = self.log_probs(batch["feats"], batch["feats_lens"])
-        targets = [torch.tensor(self.vocab.encode(t), dtype=torch.long) for t in batch["texts"]]
-        target_lens = torch.tensor([len(t) for t in targets], dtype=torch.long)
-        loss = nn.functional.ctc_loss(
-            log_probs.transpose(0, 1),
-            torch.cat(targets).to(log_probs.device),
-            lens,
-            target_lens,
-            blank=0,
-            reduction="sum",
-            zero_infinity=True,
-        ) / len(targets)
-        return loss, log_probs, lens
+    def _loss(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(total loss, main log-probs, lengths, auxiliary loss or None)."""
+        enc, lens, tapped = self.encoder.encode(batch["feats"], batch["feats_lens"], tap_layer=self.aux_layer)
+        log_probs = self.ctc_head(enc).float().log_softmax(-1)
+        loss = ctc_loss(log_probs, lens, [self.vocab.encode(t) for t in batch["texts"]])
+        aux = None
+        if tapped is not None:
+            aux_lp = self.ctc_head.aux(tapped).float().log_softmax(-1)
+            aux = ctc_loss(aux_lp, lens, [self.aux_vocab.encode(t) for t in batch["texts"]])
+            w = float(self.cfg.ctc.aux_weight)
+            loss = (1 - w) * loss + w * aux
+        return loss, log_probs, lens, aux
 
     def training_step(self, batch, batch_idx):
-        loss, _, _ = self._loss(batch)
+        loss, _, _, aux = self._loss(batch)
         n = len(batch["texts"])
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        if aux is not None:
+            self.log("train/aux_char_loss", aux, batch_size=n)
         self.log("train/batch_size", float(n), batch_size=n)
         for reason, count in batch["skipped"].items():
             self.log(f"data/skipped_{reason}", float(count), reduce_fx="sum", batch_size=n)
         return loss
 
     def validation_step(self, batch, batch_idx):
-        loss, log_probs, lens = self._loss(batch)
+        loss, log_probs, lens, _ = self._loss(batch)
         hyps = greedy_decode(self.vocab, log_probs, lens)
         n = len(hyps)
         self.log("val/loss", loss, prog_bar=True, batch_size=n)

@@ -25,6 +25,13 @@ class SpeechLLMConfig:
     # copies text after it, so the adapter only has to make speech read like text.
     align_instruction: str = "Repeat after me: "
     max_answer_tokens: int = 64  # greedy decoding limit (transcripts and answers)
+    # > 0 (stage input_2_align, training only): add this weight times a CTC loss of the speech
+    # embeddings against the transcript's LLM tokens, each frame scored by its cosine to the
+    # frozen LLM's input embeddings (blank: to minus their mean), times embedding_ctc_scale.
+    # It pulls the adapter's output toward the token embeddings the LLM already reads.
+    # Inference is unchanged.
+    embedding_ctc_weight: float = 0.0
+    embedding_ctc_scale: float = 16.0
     # Stage input_3_prompt targets: the frozen LLM's own answers to the text questions,
     # generated once (tools.make_llm_answers) and cached here.
     answers_dir: str = "${run_root}/${experiment}/llm_answers"

@@ -45,6 +45,7 @@ class EncoderConfig:
     dynamic_chunk: bool = False  # draw the chunk size per training batch
     max_dynamic_chunk: int = 25
     full_context_prob: float = 0.5  # with dynamic_chunk: share of batches with full context
+    conv_kernel: int = 0  # > 0: a causal depthwise-conv module in every block (Conformer-style); paper: 0
 
 
 @dataclass
@@ -54,6 +55,11 @@ class CTCConfig:
     units: str = "bpe"  # bpe | char
     bpe_vocab_size: int = 256  # BPE pieces, trained on the training transcripts at stage start
     vocab: str = " 'abcdefghijklmnopqrstuvwxyz0123456789"  # characters (the BPE's base alphabet)
+    # > 0: an auxiliary character CTC on the output of this encoder layer (hierarchical CTC).
+    # Characters teach the lower layers fast; word pieces at the top then skip the long
+    # all-blank plateau that large-unit CTC sits in when trained alone.
+    aux_layer: int = 0
+    aux_weight: float = 0.5
 
 
 @dataclass
@@ -63,18 +69,48 @@ class EncoderState:
     pending: [B, m, F] CMVN'd fbank frames not yet consumed by the subsampler.
     cache:   [L, 2, B, H, n, Dk] keys/values of the last n <= left-context encoder frames.
     frames_out: encoder frames emitted so far (a multiple of the chunk size until the end).
+    conv_cache: [L, B, D, kernel - 1] inputs of each block's causal convolution (with conv_kernel > 0).
     """
 
     pending: torch.Tensor
     cache: torch.Tensor | None = None
     frames_out: int = 0
+    conv_cache: torch.Tensor | None = None
 
     def clone(self) -> EncoderState:
-        return EncoderState(self.pending.clone(), None if self.cache is None else self.cache.clone(), self.frames_out)
+        def copy(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.clone()
+
+        return EncoderState(self.pending.clone(), copy(self.cache), self.frames_out, copy(self.conv_cache))
+
+
+class CausalConvModule(nn.Module):
+    """Conformer convolution module made causal: pointwise -> GLU -> depthwise conv over the
+    past `kernel` frames -> LayerNorm -> SiLU -> pointwise. LayerNorm instead of BatchNorm keeps
+    one stream's output independent of the batch. Its cache is the last `kernel - 1` GLU outputs.
+    """
+
+    def __init__(self, d_model: int, kernel: int):
+        super().__init__()
+        self.kernel = kernel
+        self.pointwise_in = nn.Linear(d_model, 2 * d_model)
+        self.depthwise = nn.Conv1d(d_model, d_model, kernel, groups=d_model)
+        self.norm = nn.LayerNorm(d_model)
+        self.pointwise_out = nn.Linear(d_model, d_model)
+
+    def forward(self, x: torch.Tensor, cache: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, D], cache [B, D, kernel - 1] or None (zeros) -> (out [B, T, D], new cache)."""
+        h = nn.functional.glu(self.pointwise_in(x), dim=-1).transpose(1, 2)  # (B, D, T)
+        if cache is None:
+            cache = h.new_zeros(h.shape[0], h.shape[1], self.kernel - 1)
+        h = torch.cat([cache.to(h.dtype), h], dim=2)
+        new_cache = h[:, :, h.shape[2] - (self.kernel - 1) :]
+        h = self.depthwise(h).transpose(1, 2)  # (B, T, D)
+        return self.pointwise_out(nn.functional.silu(self.norm(h))), new_cache
 
 
 class EncoderLayer(nn.Module):
-    """Pre-LN block: x + Attn(LN(x)), then x + FFN(LN(x)) with a ReLU FFN."""
+    """Pre-LN block: x + Attn(LN(x)), [x + Conv(LN(x)),] then x + FFN(LN(x)) with a ReLU FFN."""
 
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
@@ -88,14 +124,27 @@ class EncoderLayer(nn.Module):
             nn.Linear(cfg.ffn_dim, cfg.d_model),
         )
         self.dropout = nn.Dropout(cfg.dropout)
+        if cfg.conv_kernel > 0:
+            self.norm_conv = nn.LayerNorm(cfg.d_model)
+            self.conv = CausalConvModule(cfg.d_model, cfg.conv_kernel)
+        else:
+            self.conv = None
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor, cache: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor,
+        cache: torch.Tensor | None = None,
+        conv_cache: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Returns (x, new attention K/V, new conv cache or None)."""
         h, kv = self.attn(self.norm_attn(x), mask, cache)
         x = x + self.dropout(h)
+        if self.conv is not None:
+            h, conv_cache = self.conv(self.norm_conv(x), conv_cache)
+            x = x + self.dropout(h)
         x = x + self.dropout(self.ffn(self.norm_ffn(x)))
-        return x, kv
+        return x, kv, conv_cache
 
 
 class SpeechEncoder(nn.Module):
@@ -152,6 +201,18 @@ class SpeechEncoder(nn.Module):
         `chunk_frames` / `left_chunks` default to the config (or, training with
         `dynamic_chunk`, to a random draw); pass `chunk_frames=0` for full context.
         """
+        out, out_lens, _ = self.encode(feats, feats_lens, chunk_frames, left_chunks)
+        return out, out_lens
+
+    def encode(
+        self,
+        feats: torch.Tensor,
+        feats_lens: torch.Tensor,
+        chunk_frames: int | None = None,
+        left_chunks: int | None = None,
+        tap_layer: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """`forward`, plus the raw output of block `tap_layer` (1-based; None when 0)."""
         if chunk_frames is None:
             chunk_frames, left_default = self.training_chunk()
             left_chunks = left_default if left_chunks is None else left_chunks
@@ -159,7 +220,8 @@ class SpeechEncoder(nn.Module):
             left_chunks = self.cfg.left_chunks
         out_lens = subsampled_length(feats_lens)
         if feats.shape[1] < RECEPTIVE_FIELD:  # too short for one output frame
-            return feats.new_zeros(feats.shape[0], 0, self.cfg.d_model), out_lens
+            empty = feats.new_zeros(feats.shape[0], 0, self.cfg.d_model)
+            return empty, out_lens, (empty if tap_layer else None)
         x = self.embed(self.subsampling(self.normalize(feats)))
         t = x.shape[1]
         pos = torch.arange(t, device=x.device)
@@ -169,9 +231,12 @@ class SpeechEncoder(nn.Module):
         mask = (chunk_mask(pos, pos, chunk_frames, left_chunks)[None] & valid[:, None, :]) | torch.eye(
             t, dtype=torch.bool, device=x.device
         )
-        for layer in self.layers:
-            x, _ = layer(x, mask)
-        return self.final_norm(x), out_lens
+        tapped = None
+        for i, layer in enumerate(self.layers, 1):
+            x, _, _ = layer(x, mask)
+            if i == tap_layer:
+                tapped = x
+        return self.final_norm(x), out_lens, tapped
 
     # --- streaming ----------------------------------------------------------------------------
     def init_state(self, batch_size: int = 1) -> EncoderState:
@@ -195,18 +260,27 @@ class SpeechEncoder(nn.Module):
         n = available if final else (available // cfg.chunk_frames) * cfg.chunk_frames
         if n == 0:
             out = pending.new_zeros(pending.shape[0], 0, cfg.d_model)
-            return out, EncoderState(pending, state.cache, state.frames_out)
+            return out, EncoderState(pending, state.cache, state.frames_out, state.conv_cache)
         x = self.embed(self.subsampling(pending[:, : STRIDE * (n - 1) + RECEPTIVE_FIELD]))
         cached = 0 if state.cache is None else state.cache.shape[4]
         q_pos = torch.arange(state.frames_out, state.frames_out + n, device=x.device)
         k_pos = torch.arange(state.frames_out - cached, state.frames_out + n, device=x.device)
         mask = chunk_mask(q_pos, k_pos, cfg.chunk_frames, cfg.left_chunks)[None]
         keep = cfg.chunk_frames * cfg.left_chunks if cfg.left_chunks >= 0 else None
-        new_cache = []
+        new_cache, new_conv = [], []
         for i, layer in enumerate(self.layers):
-            x, kv = layer(x, mask, None if state.cache is None else state.cache[i])
+            x, kv, conv = layer(
+                x,
+                mask,
+                None if state.cache is None else state.cache[i],
+                None if state.conv_cache is None else state.conv_cache[i],
+            )
             new_cache.append(kv if keep is None else kv[:, :, :, kv.shape[3] - min(keep, kv.shape[3]) :])
+            new_conv.append(conv)
         new_state = EncoderState(
-            pending=pending[:, STRIDE * n :], cache=torch.stack(new_cache), frames_out=state.frames_out + n
+            pending=pending[:, STRIDE * n :],
+            cache=torch.stack(new_cache),
+            frames_out=state.frames_out + n,
+            conv_cache=torch.stack(new_conv) if self.layers[0].conv is not None else None,
         )
         return self.final_norm(x), new_state

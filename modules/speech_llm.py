@@ -39,7 +39,7 @@ from datamodules.spoken_qa import SpokenQADataModule
 from datamodules.text_qa import IGNORE_INDEX
 from datamodules.transcripts import wer
 from modules.adapter import AdapterState, SpeechAdapter
-from modules.ctc import Decoder, decode_split, encoder_data_config
+from modules.ctc import Decoder, ctc_loss, decode_split, encoder_data_config
 from modules.embeddings import PromptEmbedding, SpeechSpecials
 from modules.encoder import EncoderState, SpeechEncoder
 from modules.llm import SYSTEM_PROMPT, load_llm
@@ -211,11 +211,27 @@ class SpeechLLM(StageModule):
             out[d].append(Turn(n, answers[key][k]))
         return out
 
+    def embedding_ctc_loss(self, speech: torch.Tensor, lens: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """CTC of speech frames [N, S, D] against each text's LLM tokens (see SpeechLLMConfig).
+
+        A frame's score for token v is its cosine to the LLM's input embedding of v; the blank's
+        is its cosine to minus the mean embedding (a direction no token points to); both times
+        `embedding_ctc_scale`.
+        """
+        table = self.llm.get_input_embeddings().weight.detach().float()
+        keys = nn.functional.normalize(torch.cat([-table.mean(0, keepdim=True), table]), dim=-1)
+        sim = nn.functional.normalize(speech.float(), dim=-1) @ keys.T  # [N, S, 1 + V], blank first
+        targets = [[i + 1 for i in self.tokenizer(t, add_special_tokens=False)["input_ids"]] for t in texts]
+        return ctc_loss((sim * self.cfg.speech_llm.embedding_ctc_scale).log_softmax(-1), lens, targets)
+
     def _step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
         speech, lens = self.speech_embeddings(batch["feats"], batch["feats_lens"])
         dialogues = self.dialogues_of(batch)
         emb, mask, labels = self.build_sequences(speech, lens, dialogues, self.task, left_pad=False)
         loss, acc = self.sequence_loss(emb, mask, labels)
+        weight = float(self.cfg.speech_llm.embedding_ctc_weight)
+        if weight > 0 and self.task == ALIGN:
+            loss = loss + weight * self.embedding_ctc_loss(speech, lens, batch["texts"])
         return loss, acc, len(dialogues)
 
     def training_step(self, batch, batch_idx):

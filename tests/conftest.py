@@ -55,6 +55,7 @@ def speech_args(tmp_path, mini_corpus, mini_llm) -> list[str]:
         "encoder.subsampling_channels=4",
         "encoder.d_model=16",
         "encoder.num_layers=1",
+        "ctc.aux_layer=1",
         "encoder.num_heads=2",
         "encoder.ffn_dim=32",
         "speech_llm.prompt_num=3",

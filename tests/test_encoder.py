@@ -122,9 +122,19 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("chunk_frames", [1, 2, 4, 5])
 @torch.no_grad()
 def test_stream_equals_forward(chunk_frames, left_chunks, pieces):
-    encoder = make_encoder(chunk_frames=chunk_frames, left_chunks=left_chunks)
+    check_stream_equals_forward(chunk_frames, left_chunks, pieces, conv_kernel=0)
+
+
+@pytest.mark.parametrize(("chunk_frames", "left_chunks", "conv_kernel"), [(1, 1, 3), (4, 2, 5), (4, -1, 15), (5, 0, 7)])
+@torch.no_grad()
+def test_stream_equals_forward_with_conv_module(chunk_frames, left_chunks, conv_kernel):
+    check_stream_equals_forward(chunk_frames, left_chunks, "random", conv_kernel)
+
+
+def check_stream_equals_forward(chunk_frames: int, left_chunks: int, pieces: str, conv_kernel: int) -> None:
+    encoder = make_encoder(chunk_frames=chunk_frames, left_chunks=left_chunks, conv_kernel=conv_kernel)
     adapter = make_adapter()
-    rng = np.random.default_rng(100 * chunk_frames + 10 * left_chunks + (pieces == "random"))
+    rng = np.random.default_rng(100 * chunk_frames + 10 * left_chunks + (pieces == "random") + conv_kernel)
     lengths = [7, 8, 10, 13, 22, 30, 300, int(rng.integers(7, 31)), int(rng.integers(31, 320))]
     for i, num_frames in enumerate(lengths):
         feats = random_feats(num_frames, seed=1000 * chunk_frames + 10 * i + left_chunks)
@@ -142,7 +152,7 @@ def test_stream_equals_forward(chunk_frames, left_chunks, pieces):
             parts = list(torch.split(feats, 16, dim=1))
             enc_out, ad_out = stream_all(encoder, adapter, parts[:-1], final_piece=parts[-1])
 
-        ctx = f"T={num_frames} chunk={chunk_frames} left={left_chunks} pieces={pieces}"
+        ctx = f"T={num_frames} chunk={chunk_frames} left={left_chunks} pieces={pieces} conv={conv_kernel}"
         assert enc_out.shape == ref.shape, ctx
         assert max_diff(enc_out, ref) <= ATOL, ctx
         assert ad_out.shape == ref_ad.shape, ctx
@@ -237,9 +247,9 @@ def input_grad(encoder: SpeechEncoder, feats: torch.Tensor, t: int, c: int, left
     return g[0].abs().sum(dim=-1)
 
 
-@pytest.mark.parametrize(("c", "left"), [(1, 0), (2, 1), (4, 2), (5, -1)])
-def test_no_dependence_on_future_chunks(c, left):
-    encoder = make_encoder(chunk_frames=c, left_chunks=left)
+@pytest.mark.parametrize(("c", "left", "conv"), [(1, 0, 0), (2, 1, 0), (4, 2, 0), (5, -1, 0), (1, 0, 5), (4, 2, 15)])
+def test_no_dependence_on_future_chunks(c, left, conv):
+    encoder = make_encoder(chunk_frames=c, left_chunks=left, conv_kernel=conv)
     num_frames = 130
     feats = random_feats(num_frames, seed=7)
     t_out = subsampled_length(num_frames)
@@ -304,12 +314,13 @@ def test_adapter_is_causal():
 
 
 def _state_tensors(state) -> list[torch.Tensor]:
-    return [state.pending] + ([] if state.cache is None else [state.cache])
+    return [t for t in (state.pending, state.cache, state.conv_cache) if t is not None]
 
 
+@pytest.mark.parametrize("conv", [0, 5])
 @torch.no_grad()
-def test_snapshot_and_restore():
-    encoder = make_encoder(chunk_frames=2, left_chunks=2)
+def test_snapshot_and_restore(conv):
+    encoder = make_encoder(chunk_frames=2, left_chunks=2, conv_kernel=conv)
     adapter = make_adapter()
     feats = random_feats(203, seed=11)
     half = 97  # not a chunk boundary: the state holds a partial fbank tail
@@ -324,6 +335,8 @@ def test_snapshot_and_restore():
     before, abefore = state.clone(), astate.clone()
     snap, asnap = state.clone(), astate.clone()
     assert snap.pending is not state.pending and snap.cache is not state.cache
+    assert (state.conv_cache is not None) == (conv > 0)
+    assert conv == 0 or snap.conv_cache is not state.conv_cache
     assert asnap.buffer is not astate.buffer
 
     def continue_from(s, a_s):
@@ -414,10 +427,12 @@ def test_dynamic_chunk_forward_uses_the_draw():
 # ------------------------------------------------------------------------------------ padding
 
 
-@pytest.mark.parametrize(("c", "left"), [(0, -1), (1, 2), (2, 1), (4, -1), (5, 0)])
+@pytest.mark.parametrize(
+    ("c", "left", "conv"), [(0, -1, 0), (1, 2, 0), (2, 1, 0), (4, -1, 0), (5, 0, 0), (0, -1, 5), (4, 2, 5)]
+)
 @torch.no_grad()
-def test_padding_does_not_leak(c, left):
-    encoder = make_encoder(chunk_frames=max(c, 1), left_chunks=left)
+def test_padding_does_not_leak(c, left, conv):
+    encoder = make_encoder(chunk_frames=max(c, 1), left_chunks=left, conv_kernel=conv)
     adapter = make_adapter()
     long_len, short_len = 157, 93
     batch = random_feats(long_len, seed=13, batch=2)

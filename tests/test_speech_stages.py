@@ -146,6 +146,55 @@ def test_speech_input_stage_chain(speech_args):
         load_stage_outputs(missing, build(missing))
 
 
+@pytest.mark.parametrize("units", ["char", "bpe"])
+def test_hierarchical_ctc_adds_a_character_loss_on_an_inner_layer(speech_args, units):
+    args = [*speech_args, "encoder.num_layers=2", f"ctc.units={units}", "ctc.aux_weight=0.25"]
+    cfg = load_config(["stage=input_1_ctc", *args, "ctc.aux_layer=1"])
+    module = EncoderCTC(cfg, make_units(cfg))
+    batch = _first_batch(ASRDataModule(encoder_data_config(cfg)))
+    module.eval()
+    with torch.no_grad():
+        total, log_probs, _, aux = module._loss(batch)
+        plain = load_config(["stage=input_1_ctc", *args, "ctc.aux_layer=0"])
+        main = EncoderCTC(plain, module.vocab)
+        main.load_state_dict({k: v for k, v in module.state_dict().items() if ".aux." not in k})
+        main_loss, main_lp, _, no_aux = main._loss(batch)
+    assert no_aux is None and aux is not None and aux > 0
+    assert torch.allclose(total, 0.75 * main_loss + 0.25 * aux)
+    assert torch.equal(log_probs, main_lp)  # decoding reads the top head only
+    assert module.ctc_head.aux[-1].out_features == len(module.aux_vocab) == len(cfg.ctc.vocab) + 1
+    module.apply_freezing(list(cfg.stage.trainable))
+    _check_one_step(module, batch, DECLARED["input_1_ctc"])  # the inner head and every layer learn
+    with pytest.raises(ValueError, match=r"ctc.aux_layer must be in 0..2"):
+        EncoderCTC(load_config(["stage=input_1_ctc", *args, "ctc.aux_layer=3"]), module.vocab)
+
+
+def test_embedding_ctc_rewards_speech_that_reads_like_the_transcript_tokens(speech_args):
+    cfg = load_config(["stage=input_2_align", *speech_args, "speech_llm.embedding_ctc_weight=0.5"])
+    model = build(cfg)
+    text = "the cat is red"
+    ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    table = model.llm.get_input_embeddings().weight.detach()
+    gap = -table.mean(0, keepdim=True)  # points away from the vocabulary: a blank frame
+    frames = torch.cat([torch.cat([table[i : i + 1], gap, gap]) for i in ids])[None]  # 3 frames per token
+    lens = torch.tensor([frames.shape[1]])
+    matching = model.embedding_ctc_loss(frames, lens, [text])
+    shuffled = model.embedding_ctc_loss(frames[:, torch.randperm(frames.shape[1])], lens, [text])
+    noise = model.embedding_ctc_loss(torch.randn_like(frames), lens, [text])
+    assert matching < 0.5 * min(shuffled, noise)
+
+    batch = _first_batch(ASRDataModule(encoder_data_config(cfg)))
+    model.apply_freezing(list(cfg.stage.trainable))
+    model.eval()
+    with torch.no_grad():
+        with_ctc = model._step(batch)[0]
+        model.cfg.speech_llm.embedding_ctc_weight = 0.0
+        plain = model._step(batch)[0]
+        speech, speech_lens = model.speech_embeddings(batch["feats"], batch["feats_lens"])
+        extra = model.embedding_ctc_loss(speech, speech_lens, batch["texts"])
+    assert extra > 0 and torch.allclose(with_ctc, plain + 0.5 * extra)
+
+
 def test_streaming_prefill_equals_the_teacher_forced_sequence(speech_args, mini_corpus):
     cfg = load_config(["stage=input_3_prompt", *speech_args])
     model = build(cfg).eval()
