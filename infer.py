@@ -16,10 +16,9 @@ python infer.py eval_input experiment=tiny
 from __future__ import annotations
 
 import json
-import logging
 import sys
 
-from modules.config import ConfigError, load_config
+from modules.config import ConfigError, load_config, run_cli
 
 
 def eval_text_qa(argv: list[str]) -> dict:
@@ -66,8 +65,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        main()
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+    run_cli(main, error_prefix="error")

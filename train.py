@@ -10,12 +10,11 @@ tb/ (TensorBoard) and metrics.json. `main` returns the stage's metrics, so tests
 from __future__ import annotations
 
 import importlib
-import logging
 import sys
 
 import lightning as L
 
-from modules.config import ConfigError, load_config
+from modules.config import ConfigError, load_config, run_cli
 
 # stage name -> module whose `run(cfg) -> dict` trains it. The order is the chain's.
 STAGES = {
@@ -45,8 +44,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        main()
-    except ConfigError as e:
-        sys.exit(f"config error: {e}")
+    run_cli(main)

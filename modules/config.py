@@ -16,6 +16,9 @@ an unknown group choice an error listing the files of that folder.
 from __future__ import annotations
 
 import difflib
+import logging
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +42,15 @@ SELECTORS = ("stage", "experiment")
 
 class ConfigError(ValueError):
     """A config that cannot be composed; the message says what to change."""
+
+
+def run_cli(main: Callable[[], object], error_prefix: str = "config error") -> None:
+    """Entry point of a `key=value` command: INFO logging, and a ConfigError exits with its message."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        main()
+    except ConfigError as e:
+        sys.exit(f"{error_prefix}: {e}")
 
 
 @dataclass

@@ -203,15 +203,25 @@ def ctc_decoder(module: EncoderCTC) -> Decoder:
     return decode
 
 
-def evaluate_ctc_split(cfg: DictConfig, module: EncoderCTC, split: str, chunks: list[int]) -> dict:
-    """CTC greedy WER on `split` at each chunk size (0 = full context): {"ctc_wer_<split>_chunk<c>": w}."""
+def evaluate_wer(
+    cfg: DictConfig, module: nn.Module, name: str, decoder: Decoder, split: str, chunks: list[int], desc: str
+) -> dict:
+    """WER of `decoder` on `split` at each chunk size (0 = full context): {"<name>_wer_<split>_chunk<c>": w}.
+
+    `module` is decoded in eval mode and left in the mode it came in.
+    """
     was_training = module.training
     module.eval()
-    refs, hyps = decode_split(cfg, split, {"ctc": ctc_decoder(module)}, chunks, desc=f"CTC {split}")
+    refs, hyps = decode_split(cfg, split, {name: decoder}, chunks, desc=desc)
     module.train(was_training)
-    out = {f"ctc_wer_{split}_chunk{c or 'full'}": wer(hyps[f"ctc_{c}"], refs) for c in chunks}
+    out = {f"{name}_wer_{split}_chunk{c or 'full'}": wer(hyps[f"{name}_{c}"], refs) for c in chunks}
     log.info("%s", out)
     return out
+
+
+def evaluate_ctc_split(cfg: DictConfig, module: EncoderCTC, split: str, chunks: list[int]) -> dict:
+    """CTC greedy WER on `split` at each chunk size (0 = full context): {"ctc_wer_<split>_chunk<c>": w}."""
+    return evaluate_wer(cfg, module, "ctc", ctc_decoder(module), split, chunks, desc=f"CTC {split}")
 
 
 def load_encoder_ctc(cfg: DictConfig, stage: str = "input_1_ctc") -> EncoderCTC:

@@ -37,9 +37,8 @@ from datamodules.asr import ASRDataModule
 from datamodules.features import StreamingFbank
 from datamodules.spoken_qa import SpokenQADataModule
 from datamodules.text_qa import IGNORE_INDEX
-from datamodules.transcripts import wer
 from modules.adapter import AdapterState, SpeechAdapter
-from modules.ctc import Decoder, ctc_loss, decode_split, encoder_data_config
+from modules.ctc import Decoder, ctc_loss, encoder_data_config, evaluate_wer
 from modules.embeddings import PromptEmbedding, SpeechSpecials
 from modules.encoder import EncoderState, SpeechEncoder
 from modules.llm import SYSTEM_PROMPT, load_llm
@@ -383,7 +382,8 @@ class StreamingInput:
         if not state.in_turn:
             raise RuntimeError("end_turn() without speech in this turn")
         tail = self._speech(state, np.zeros(0, dtype=np.float32), final=True)
-        logits = self._prefill(state, torch.cat([tail.to(m.user_turn_end().dtype), m.user_turn_end()]))
+        close = m.user_turn_end()
+        logits = self._prefill(state, torch.cat([tail.to(close.dtype), close]))
         reply: list[int] = []
         limit = max_new_tokens or m.cfg.speech_llm.max_answer_tokens
         while len(reply) < limit:
@@ -465,10 +465,4 @@ def llm_decoder(module: SpeechLLM) -> Decoder:
 
 def evaluate_llm_asr(cfg: DictConfig, module: SpeechLLM, split: str, chunks: list[int]) -> dict:
     """WER of the transcripts the frozen LLM emits (stage-2 decoding) at each chunk size."""
-    was_training = module.training
-    module.eval()
-    refs, hyps = decode_split(cfg, split, {"llm": llm_decoder(module)}, chunks, desc=f"LLM ASR {split}")
-    module.train(was_training)
-    out = {f"llm_wer_{split}_chunk{c or 'full'}": wer(hyps[f"llm_{c}"], refs) for c in chunks}
-    log.info("%s", out)
-    return out
+    return evaluate_wer(cfg, module, "llm", llm_decoder(module), split, chunks, desc=f"LLM ASR {split}")

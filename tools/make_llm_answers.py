@@ -22,7 +22,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from datamodules.shards import iter_metadata, resolve_shards
-from modules.config import ConfigError, load_config
+from modules.config import load_config, run_cli
 from modules.llm import load_llm
 from modules.qa_eval import evaluate_text_qa
 
@@ -92,8 +92,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        main()
-    except ConfigError as e:
-        sys.exit(f"config error: {e}")
+    run_cli(main)
