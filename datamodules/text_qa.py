@@ -43,9 +43,15 @@ class TextQADataConfig:
     batch_size: int = 64  # validation
     num_workers: int = 0
     repeat_prob: float = 0.1  # share of "repeat after me" examples
+    # Share of those whose sentence is a random word sequence (3-10 words of the transcripts'
+    # vocabulary): no language prior can guess it, so only copying lowers the loss (on the
+    # templated transcripts the stand-in learns the templates and guesses the slot words).
+    scramble_prob: float = 0.0
     sequence_prob: float = 0.1  # share of counting / listing examples
     # Transcripts for the repeat task: the ASR *training* manifest (never dev/test text).
     repeat_manifest: str = "${corpus.root}/manifests/asr_train.jsonl"
+    # Unseen sentences for the repeat evaluation after training (the test transcripts).
+    repeat_eval_manifest: str = "${corpus.root}/manifests/asr_test.jsonl"
     max_length: int = 320  # tokens; longer examples are cut (none are at the tiny scale)
     val_dialogues: int = 100
 
@@ -105,6 +111,21 @@ def sequence_request(rng: random.Random) -> dict:
     return {"question": q, "answer": answer[:1].upper() + answer[1:] + "."}
 
 
+def transcript_words(transcripts: list[str]) -> list[str]:
+    """The distinct words of `transcripts`, as written (case and apostrophes kept)."""
+    return sorted({w.strip(".,;:?!") for t in transcripts for w in t.split()} - {""})
+
+
+def repeat_request(rng: random.Random, transcripts: list[str], words: list[str], scramble_prob: float) -> dict:
+    """ "Repeat after me: <s>" -> <s>, where <s> is a transcript or (with `scramble_prob`) 3-10 random words."""
+    if rng.random() < scramble_prob:
+        s = " ".join(rng.choice(words) for _ in range(rng.randint(3, 10)))
+        s = s[:1].upper() + s[1:] + "."
+    else:
+        s = rng.choice(transcripts)
+    return {"question": rng.choice(REPEAT_PROMPTS).format(s=s), "answer": s}
+
+
 def dialogue_messages(turns: list[dict]) -> list[dict]:
     history = [(t["question"], t["answer"]) for t in turns[:-1]]
     return [*chat_messages(history, turns[-1]["question"]), {"role": "assistant", "content": turns[-1]["answer"]}]
@@ -130,13 +151,13 @@ class TextQAStream(IterableDataset):
         self, tokenizer, cfg: TextQADataConfig, qa_seed: int, seed: int, transcripts: list[str], rank: int = 0
     ):
         self.tokenizer, self.cfg, self.transcripts, self.rank = tokenizer, cfg, transcripts, rank
+        self.words = transcript_words(transcripts)
         self.qa_seed, self.seed = qa_seed, seed
 
     def example(self, rng: random.Random) -> tuple[list[int], list[int]]:
         u = rng.random()
         if self.transcripts and u < self.cfg.repeat_prob:
-            s = rng.choice(self.transcripts)
-            turns = [{"question": rng.choice(REPEAT_PROMPTS).format(s=s), "answer": s}]
+            turns = [repeat_request(rng, self.transcripts, self.words, self.cfg.scramble_prob)]
         elif u < self.cfg.repeat_prob + self.cfg.sequence_prob:
             turns = [sequence_request(rng)]
         else:

@@ -38,6 +38,9 @@ class LLMArchConfig:
     max_position_embeddings: int = 512
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = True
+    # Initialisation only (not part of the saved model): make the first key/value group of
+    # layer 0 attend to the previous token from step 0, half of an induction (copy) circuit.
+    init_previous_token_head: bool = False
 
 
 @dataclass
@@ -77,7 +80,33 @@ def build_qwen2(arch: LLMArchConfig, tokenizer: PreTrainedTokenizerBase) -> Qwen
     """A randomly initialised Qwen2 causal LM whose vocabulary matches `tokenizer`."""
     if len(tokenizer) > arch.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but llm.arch.vocab_size is {arch.vocab_size}")
-    return Qwen2ForCausalLM(qwen2_config(arch, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id))
+    model = Qwen2ForCausalLM(qwen2_config(arch, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id))
+    if arch.init_previous_token_head:
+        init_previous_token_head(model)
+    return model
+
+
+@torch.no_grad()
+def init_previous_token_head(model: Qwen2ForCausalLM, scale: float = 5.0) -> None:
+    """Make the query heads of layer 0's first key/value group attend to position m - 1.
+
+    Queries and keys become input-independent (zero weights, bias only): q = a, and k = a
+    rotated by one RoPE position, so the rotated dot product is a function of (m - n - 1) that
+    peaks at n = m - 1. The values and outputs stay random and train as usual.
+    """
+    cfg = model.config
+    attn = model.model.layers[0].self_attn
+    d = attn.head_dim
+    inv_freq = 1.0 / (cfg.rope_parameters["rope_theta"] ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    cos, sin = torch.cos(inv_freq).repeat(2), torch.sin(inv_freq).repeat(2)
+    a = torch.zeros(d)
+    a[: d // 2] = scale
+    rotated = torch.cat([-a[d // 2 :], a[: d // 2]])  # rotate_half(a)
+    per_group = cfg.num_attention_heads // cfg.num_key_value_heads
+    attn.q_proj.weight[: per_group * d] = 0
+    attn.q_proj.bias[: per_group * d] = a.repeat(per_group)
+    attn.k_proj.weight[:d] = 0
+    attn.k_proj.bias[:d] = a * cos + rotated * sin
 
 
 def load_llm(cfg: LLMConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from datamodules.answers import check_answer
+from datamodules.transcripts import normalize_transcript
 from modules.llm import chat_messages
 
 
@@ -99,6 +100,31 @@ def evaluate_text_qa(
         "per_turn_depth": {str(k): sum(v) / len(v) for k, v in sorted(per_depth.items())},
         "records": records,
     }
+
+
+def evaluate_repeat(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    sentences: list[str],
+    instruction: str,
+    batch_size: int = 64,
+    max_new_tokens: int = 40,
+) -> dict:
+    """Exact-match rate (after transcript normalization) of greedy replies to `instruction + s`.
+
+    This is the skill stage input_2_align relies on: given the instruction and a sentence it
+    has never seen, the LLM says the sentence back. Returns the rate and the failures.
+    """
+    was_training = model.training
+    model.eval()
+    replies: list[str] = []
+    for start in tqdm(range(0, len(sentences), batch_size), desc="repeat", unit="batch"):
+        convs = [chat_messages([], instruction + s) for s in sentences[start : start + batch_size]]
+        replies += generate_replies(model, tokenizer, convs, max_new_tokens)
+    model.train(was_training)
+    ok = [normalize_transcript(r) == normalize_transcript(s) for r, s in zip(replies, sentences)]
+    failures = [{"sentence": s, "reply": r} for s, r, good in zip(sentences, replies, ok) if not good]
+    return {"exact_match": sum(ok) / len(ok), "num_sentences": len(ok), "failures": failures}
 
 
 def accuracy_table(title: str, metrics: dict) -> str:

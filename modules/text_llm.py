@@ -19,11 +19,11 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from datamodules.qa import build_qa_splits, sample_dialogue
-from datamodules.text_qa import IGNORE_INDEX, TextQADataModule, read_transcripts
+from datamodules.text_qa import IGNORE_INDEX, TextQADataModule, read_transcripts, repeat_request, transcript_words
 from datamodules.tokenizer import train_bpe_tokenizer
 from modules.config import run_dir
 from modules.llm import SYSTEM_PROMPT, build_qwen2, chat_messages, load_llm
-from modules.qa_eval import accuracy_table, evaluate_text_qa, generate_replies
+from modules.qa_eval import accuracy_table, evaluate_repeat, evaluate_text_qa, generate_replies
 from modules.training import StageModule, fit, make_optimizer, write_metrics
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,25 @@ def evaluate(cfg: DictConfig) -> dict:
     (out / "text_qa_replies.jsonl").write_text("".join(json.dumps(r) + "\n" for r in result["records"]))
     (out / "text_qa.md").write_text(accuracy_table(f"Text QA, held-out test dialogues ({cfg.llm.path})", result))
     print(accuracy_table("Text QA accuracy of the stand-in LLM (held-out test split)", result))
+    # Saying back unseen sentences: what stage input_2_align needs from the frozen LLM.
+    sentences = read_transcripts(cfg.data.text_qa.repeat_eval_manifest)
+    if cfg.eval.limit:
+        sentences = sentences[: cfg.eval.limit]
+    instruction = cfg.speech_llm.align_instruction
+    repeat = evaluate_repeat(model, tokenizer, sentences, instruction, cfg.eval.batch_size, cfg.eval.max_new_tokens)
+    (out / "repeat_failures.jsonl").write_text("".join(json.dumps(r) + "\n" for r in repeat["failures"]))
+    # The same with random word sequences: no template to guess from, so only copying scores.
+    rng = random.Random(f"scrambled-{cfg.seed}")
+    words = transcript_words(sentences)
+    scrambled = [repeat_request(rng, sentences, words, scramble_prob=1.0)["answer"] for _ in range(len(sentences))]
+    copy = evaluate_repeat(model, tokenizer, scrambled, instruction, cfg.eval.batch_size, cfg.eval.max_new_tokens)
+    print(
+        f"Repeat exact match ({instruction!r} + {repeat['num_sentences']} unseen test transcripts): "
+        f"{repeat['exact_match']:.3f}; on as many random word sequences: {copy['exact_match']:.3f}"
+    )
     return {
+        "repeat_exact_match": repeat["exact_match"],
+        "repeat_scrambled_exact_match": copy["exact_match"],
         "text_qa_accuracy": result["accuracy"],
         "text_qa_per_family": result["per_family"],
         "text_qa_per_turn_depth": result["per_turn_depth"],

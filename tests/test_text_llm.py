@@ -81,6 +81,50 @@ def test_sequence_requests_are_consistent():
             assert all(0 <= v <= 20 for v in values)
 
 
+def test_repeat_requests_copy_transcripts_or_random_word_sequences():
+    import random
+
+    from datamodules.text_qa import REPEAT_PROMPTS, repeat_request, transcript_words
+
+    transcripts = ["Don't forget the red kite.", "Is Maria's cat asleep?"]
+    words = transcript_words(transcripts)
+    assert words == sorted(["Don't", "forget", "the", "red", "kite", "Is", "Maria's", "cat", "asleep"])
+    rng = random.Random(0)
+    plain = [repeat_request(rng, transcripts, words, scramble_prob=0.0) for _ in range(20)]
+    assert {r["answer"] for r in plain} == set(transcripts)
+    scrambled = [repeat_request(rng, transcripts, words, scramble_prob=1.0) for _ in range(200)]
+    for r in scrambled:
+        assert any(r["question"] == p.format(s=r["answer"]) for p in REPEAT_PROMPTS)
+        body = r["answer"].rstrip(".").split()
+        assert 3 <= len(body) <= 10 and body[0][0].isupper()
+        assert all(w in words or w[:1].lower() + w[1:] in words for w in body)
+    assert len({r["answer"] for r in scrambled}) > 190  # fresh sequences, not a fixed set
+
+
+def test_previous_token_head_init_attends_to_the_previous_position():
+    from modules.llm import LLMArchConfig
+
+    class Tok:
+        bos_token_id, eos_token_id, pad_token_id = None, 2, 0
+
+        def __len__(self):
+            return 50
+
+    arch = dict(vocab_size=50, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    ids = torch.randint(3, 50, (2, 24))
+    for init in (False, True):
+        torch.manual_seed(0)
+        model = build_qwen2(LLMArchConfig(**arch, init_previous_token_head=init), Tok())
+        model.config._attn_implementation = "eager"
+        attn = model(input_ids=ids, output_attentions=True).attentions[0]  # [B, heads, L, L]
+        on_previous = attn.diagonal(offset=-1, dim1=-2, dim2=-1).mean(dim=(0, 2))  # weight on m - 1, per head
+        if init:  # heads 0 and 1 share key/value group 0; the other group is untouched
+            assert (on_previous[:2] > 0.8).all() and (on_previous[2:] < 0.5).all()
+        else:
+            assert (on_previous < 0.5).all()
+
+
 def test_tiny_config_respects_the_size_budget():
     cfg = load_config(["stage=llm_text", "experiment=tiny"])
 
@@ -97,11 +141,15 @@ def test_tiny_config_respects_the_size_budget():
 
 def test_short_fit_saves_a_loadable_llm_and_resumes(tmp_path, transcripts):
     args = ["stage=llm_text", "experiment=tiny", f"run_root={tmp_path / 'runs'}",
-            f"data.text_qa.repeat_manifest={transcripts}", *TINY]  # fmt: skip
+            f"data.text_qa.repeat_manifest={transcripts}", f"data.text_qa.repeat_eval_manifest={transcripts}",
+            *TINY]  # fmt: skip
     metrics = train.main([*args, "trainer.max_steps=4"])
     out = tmp_path / "runs" / "tiny" / "llm_text"
     assert metrics["train_steps"] == 4
     assert 0.0 <= metrics["text_qa_accuracy"] <= 1.0 and metrics["text_qa_turns"] >= 6
+    assert 0.0 <= metrics["repeat_exact_match"] <= 1.0
+    failures = [json.loads(line) for line in (out / "repeat_failures.jsonl").read_text().splitlines()]
+    assert len(failures) == round(2 * (1 - metrics["repeat_exact_match"]))  # both fixture sentences are asked
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["text_qa_accuracy"] == metrics["text_qa_accuracy"]
     assert (out / "config.yaml").is_file() and list((out / "tb").rglob("events.out.tfevents.*"))
@@ -119,6 +167,23 @@ def test_short_fit_saves_a_loadable_llm_and_resumes(tmp_path, transcripts):
 
     again = train.main([*args, "trainer.max_steps=6"])  # resumes from last.ckpt
     assert again["train_steps"] == 6
+
+
+def test_repeat_evaluation_normalizes_and_lists_failures(monkeypatch):
+    from modules import qa_eval
+
+    asked, replies = [], iter(["the cup is red", "Seven dogs.", "Go home now!"])
+
+    def fake_replies(model, tokenizer, convs, max_new_tokens):
+        asked.extend(c[-1]["content"] for c in convs)
+        return [next(replies) for _ in convs]
+
+    monkeypatch.setattr(qa_eval, "generate_replies", fake_replies)
+    sentences = ["The cup is red.", "Seven small dogs.", "Go home now."]
+    result = qa_eval.evaluate_repeat(torch.nn.Linear(1, 1), None, sentences, "Repeat after me: ", batch_size=2)
+    assert asked == ["Repeat after me: " + s for s in sentences]
+    assert result["exact_match"] == pytest.approx(2 / 3) and result["num_sentences"] == 3
+    assert result["failures"] == [{"sentence": "Seven small dogs.", "reply": "Seven dogs."}]
 
 
 def test_missing_llm_path_says_what_to_do(tmp_path):

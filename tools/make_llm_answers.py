@@ -19,6 +19,7 @@ import logging
 import sys
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig
 
 from datamodules.shards import iter_metadata, resolve_shards
@@ -88,6 +89,8 @@ def ensure_llm_answers(cfg: DictConfig) -> Path:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg = load_config(argv, stage="input_3_prompt")
+    if cfg.trainer.num_threads > 0:  # e.g. 1, beside a training run on the other core
+        torch.set_num_threads(cfg.trainer.num_threads)
     print(f"answers written to {make_llm_answers(cfg)}")
 
 
