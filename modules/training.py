@@ -123,11 +123,16 @@ def make_optimizer(module: nn.Module, optim: OptimConfig, max_steps: int) -> dic
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+def apply_num_threads(cfg: DictConfig) -> None:
+    """torch.set_num_threads(trainer.num_threads) when set (0 leaves torch's default)."""
+    if cfg.trainer.num_threads > 0:
+        torch.set_num_threads(cfg.trainer.num_threads)
+
+
 def build_trainer(cfg: DictConfig, monitor: str = "val/loss") -> L.Trainer:
     """A Trainer logging to runs/<exp>/<stage>/tb and checkpointing to .../checkpoints."""
     t = cfg.trainer
-    if t.num_threads > 0:
-        torch.set_num_threads(t.num_threads)
+    apply_num_threads(cfg)
     out = run_dir(cfg)
     ckpt = ModelCheckpoint(
         dirpath=out / "checkpoints",

@@ -19,13 +19,13 @@ import logging
 import sys
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig
 
 from datamodules.shards import iter_metadata, resolve_shards
 from modules.config import load_config, run_cli
 from modules.llm import load_llm
 from modules.qa_eval import evaluate_text_qa
+from modules.training import apply_num_threads
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "dev")
@@ -89,8 +89,7 @@ def ensure_llm_answers(cfg: DictConfig) -> Path:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg = load_config(argv, stage="input_3_prompt")
-    if cfg.trainer.num_threads > 0:  # e.g. 1, beside a training run on the other core
-        torch.set_num_threads(cfg.trainer.num_threads)
+    apply_num_threads(cfg)  # e.g. 1, beside a training run on the other core
     print(f"answers written to {make_llm_answers(cfg)}")
 
 
