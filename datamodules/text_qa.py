@@ -47,7 +47,13 @@ class TextQADataConfig:
     # vocabulary): no language prior can guess it, so only copying lowers the loss (on the
     # templated transcripts the stand-in learns the templates and guesses the slot words).
     scramble_prob: float = 0.0
+    # Share of repeat requests whose words are said 1-4 times each (see repeat_request).
+    stutter_prob: float = 0.0
     sequence_prob: float = 0.1  # share of counting / listing examples
+    # Train on the user turns too (a language-model loss on the questions), or on the
+    # assistant turns only. A random word sequence in a user turn cannot be predicted, so its
+    # loss there is pure noise.
+    user_turn_loss: bool = True
     # Transcripts for the repeat task: the ASR *training* manifest (never dev/test text).
     repeat_manifest: str = "${corpus.root}/manifests/asr_train.jsonl"
     # Unseen sentences for the repeat evaluation after training (the test transcripts).
@@ -116,14 +122,25 @@ def transcript_words(transcripts: list[str]) -> list[str]:
     return sorted({w.strip(".,;:?!") for t in transcripts for w in t.split()} - {""})
 
 
-def repeat_request(rng: random.Random, transcripts: list[str], words: list[str], scramble_prob: float) -> dict:
-    """ "Repeat after me: <s>" -> <s>, where <s> is a transcript or (with `scramble_prob`) 3-10 random words."""
+def repeat_request(
+    rng: random.Random, transcripts: list[str], words: list[str], scramble_prob: float, stutter_prob: float = 0.0
+) -> dict:
+    """ "Repeat after me: <s>" -> <s>, where <s> is a transcript or (with `scramble_prob`) 3-10 random words.
+
+    With `stutter_prob` the request says each word 1-4 times ("the the cat cat cat is red") and
+    the answer says it once: reading a word that spans several positions, as a word spans
+    several speech embeddings (12.5 Hz) in stage input_2_align.
+    """
     if rng.random() < scramble_prob:
         s = " ".join(rng.choice(words) for _ in range(rng.randint(3, 10)))
         s = s[:1].upper() + s[1:] + "."
     else:
         s = rng.choice(transcripts)
-    return {"question": rng.choice(REPEAT_PROMPTS).format(s=s), "answer": s}
+    said = s
+    if stutter_prob > 0 and rng.random() < stutter_prob:
+        core = s.rstrip(".!?")
+        said = " ".join(" ".join([w] * rng.randint(1, 4)) for w in core.split()) + s[len(core) :]
+    return {"question": rng.choice(REPEAT_PROMPTS).format(s=said), "answer": s}
 
 
 def dialogue_messages(turns: list[dict]) -> list[dict]:
@@ -157,12 +174,13 @@ class TextQAStream(IterableDataset):
     def example(self, rng: random.Random) -> tuple[list[int], list[int]]:
         u = rng.random()
         if self.transcripts and u < self.cfg.repeat_prob:
-            turns = [repeat_request(rng, self.transcripts, self.words, self.cfg.scramble_prob)]
+            turns = [repeat_request(rng, self.transcripts, self.words, self.cfg.scramble_prob, self.cfg.stutter_prob)]
         elif u < self.cfg.repeat_prob + self.cfg.sequence_prob:
             turns = [sequence_request(rng)]
         else:
             turns = [t.as_dict() for t in sample_dialogue(rng, self.qa_seed, heldout=False)]
-        return encode_chat(self.tokenizer, dialogue_messages(turns), self.cfg.max_length)
+        roles = ("user", "assistant") if self.cfg.user_turn_loss else ("assistant",)
+        return encode_chat(self.tokenizer, dialogue_messages(turns), self.cfg.max_length, roles=roles)
 
     def __iter__(self):
         info = get_worker_info()

@@ -101,6 +101,51 @@ def test_repeat_requests_copy_transcripts_or_random_word_sequences():
     assert len({r["answer"] for r in scrambled}) > 190  # fresh sequences, not a fixed set
 
 
+def test_stuttered_repeat_requests_say_each_word_one_to_four_times():
+    import itertools
+    import random
+
+    from datamodules.text_qa import REPEAT_PROMPTS, repeat_request
+
+    transcripts = ["Don't forget the red kite.", "Is Maria's cat asleep?"]
+    rng = random.Random(0)
+    counts = set()
+    for _ in range(100):
+        r = repeat_request(rng, transcripts, ["a"], scramble_prob=0.0, stutter_prob=1.0)
+        assert r["answer"] in transcripts
+        said = next(
+            r["question"][len(p.split("{s}")[0]) :]
+            for p in REPEAT_PROMPTS
+            if r["question"].startswith(p.split("{s}")[0])
+        )
+        assert said[-1] == r["answer"][-1] and said.count(r["answer"][-1]) == 1  # punctuation once, at the end
+        runs = [(w, len(list(g))) for w, g in itertools.groupby(said[:-1].split())]
+        assert [w for w, _ in runs] == r["answer"][:-1].split()
+        counts |= {n for _, n in runs}
+    assert counts == {1, 2, 3, 4}
+    # stutter_prob=0 draws nothing extra: the random stream (and the default data) is unchanged
+    a, b = random.Random(1), random.Random(1)
+    assert [repeat_request(a, transcripts, ["a"], 0.5) for _ in range(20)] == [
+        repeat_request(b, transcripts, ["a"], 0.5, stutter_prob=0.0) for _ in range(20)
+    ]
+
+
+def test_user_turn_loss_off_trains_on_assistant_turns_only():
+    import random
+
+    from datamodules.text_qa import REPEAT_PROMPTS, TextQADataConfig, TextQAStream
+
+    sentence = "Don't forget the red kite."
+    tok = train_bpe_tokenizer([sentence + " ".join(REPEAT_PROMPTS) + " system user assistant"] * 50, 300)
+    for user_loss in (True, False):
+        cfg = TextQADataConfig(repeat_prob=1.0, user_turn_loss=user_loss)
+        stream = TextQAStream(tok, cfg, qa_seed=0, seed=0, transcripts=[sentence])
+        _, labels = stream.example(random.Random(0))
+        learned = tok.decode([t for t in labels if t != IGNORE_INDEX])
+        assert learned.endswith(sentence + "<|im_end|>")
+        assert learned.count(sentence) == (2 if user_loss else 1)  # the request repeats it in the user turn
+
+
 def test_previous_token_head_init_attends_to_the_previous_position():
     from modules.llm import LLMArchConfig
 
