@@ -17,7 +17,7 @@ from datamodules.qa import DEFAULT_SPLIT_SIZES
 
 # Bump when the corpus content changes for the same seed (templates, answers, voices), so
 # `tools.prepare_corpus` rebuilds corpora made by older code.
-CORPUS_VERSION = 6
+CORPUS_VERSION = 7
 SPLITS = ("train", "dev", "test")
 KINDS = ("asr", "qa")
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,11 @@ class TextQADataConfig:
     # Share of repeat requests whose words are said 1-4 times each (see repeat_request).
     stutter_prob: float = 0.0
     sequence_prob: float = 0.1  # share of counting / listing examples
+    # Share of examples whose user turns are in spoken form: lower case, no punctuation, as
+    # speech carries neither (the answers stay written). A real LLM reads "what is two plus
+    # three" as well as "What is two plus three?"; a stand-in trained on written text only
+    # answers half as many (README: stand-in variants).
+    spoken_form_prob: float = 0.0
     # Train on the user turns too (a language-model loss on the questions), or on the
     # assistant turns only. A random word sequence in a user turn cannot be predicted, so its
     # loss there is pure noise.
@@ -140,7 +146,25 @@ def repeat_request(
     if stutter_prob > 0 and rng.random() < stutter_prob:
         core = s.rstrip(".!?")
         said = " ".join(" ".join([w] * rng.randint(1, 4)) for w in core.split()) + s[len(core) :]
-    return {"question": rng.choice(REPEAT_PROMPTS).format(s=said), "answer": s}
+    return {"question": rng.choice(REPEAT_PROMPTS).format(s=said), "answer": s, "said": said}
+
+
+_UNSPOKEN = re.compile(r"[^\w\s']")
+
+
+def spoken_form(text: str) -> str:
+    """What speech carries of `text`: "Which is bigger, eight or nine?" -> "which is bigger eight or nine"."""
+    return " ".join(_UNSPOKEN.sub(" ", text).lower().split())
+
+
+def to_spoken_form(turns: list[dict]) -> list[dict]:
+    """The user turns in spoken form; for a repeat request only the sentence said, not the instruction."""
+    out = []
+    for t in turns:
+        said = t.get("said")
+        q = t["question"].replace(said, spoken_form(said)) if said else spoken_form(t["question"])
+        out.append({**t, "question": q})
+    return out
 
 
 def dialogue_messages(turns: list[dict]) -> list[dict]:
@@ -179,6 +203,8 @@ class TextQAStream(IterableDataset):
             turns = [sequence_request(rng)]
         else:
             turns = [t.as_dict() for t in sample_dialogue(rng, self.qa_seed, heldout=False)]
+        if self.cfg.spoken_form_prob > 0 and rng.random() < self.cfg.spoken_form_prob:
+            turns = to_spoken_form(turns)
         roles = ("user", "assistant") if self.cfg.user_turn_loss else ("assistant",)
         return encode_chat(self.tokenizer, dialogue_messages(turns), self.cfg.max_length, roles=roles)
 

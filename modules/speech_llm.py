@@ -38,11 +38,19 @@ from datamodules.features import StreamingFbank
 from datamodules.spoken_qa import SpokenQADataModule
 from datamodules.text_qa import IGNORE_INDEX
 from modules.adapter import AdapterState, SpeechAdapter
-from modules.ctc import Decoder, ctc_loss, encoder_data_config, evaluate_wer
+from modules.ctc import CTCUnits, Decoder, ctc_loss, encoder_data_config, evaluate_wer, units_from_json
 from modules.embeddings import PromptEmbedding, SpeechSpecials
 from modules.encoder import EncoderState, SpeechEncoder
 from modules.llm import SYSTEM_PROMPT, load_llm
-from modules.training import StageModule, fit, load_stage_outputs, make_optimizer, save_stage_output, write_metrics
+from modules.training import (
+    StageModule,
+    fit,
+    load_stage_outputs,
+    make_optimizer,
+    read_stage_output,
+    save_stage_output,
+    write_metrics,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,14 +108,22 @@ class Turn:
 class SpeechLLM(StageModule):
     """Encoder + adapter + speech vectors + prompt in front of a frozen causal LM."""
 
-    def __init__(self, cfg: DictConfig, llm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
+    def __init__(
+        self,
+        cfg: DictConfig,
+        llm: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        ctc_units: CTCUnits | None = None,
+    ):
         super().__init__(cfg)
         self.tokenizer = tokenizer
         self.layout = ChatLayout.from_tokenizer(tokenizer)
         width = llm.get_input_embeddings().weight.shape[1]
         reference = llm.get_input_embeddings().weight.detach()
         self.encoder = SpeechEncoder(OmegaConf.to_object(cfg.encoder))
-        self.adapter = SpeechAdapter(OmegaConf.to_object(cfg.adapter), self.encoder.output_dim, width)
+        self.ctc_units = ctc_units  # the stage-1 CTC units (adapter.lexical only)
+        num_units = len(ctc_units) if ctc_units is not None else 0
+        self.adapter = SpeechAdapter(OmegaConf.to_object(cfg.adapter), self.encoder.output_dim, width, num_units)
         self.specials = SpeechSpecials(width, reference)
         self.prompt = PromptEmbedding(cfg.speech_llm.prompt_num, width, reference)
         self.llm = llm
@@ -418,16 +434,45 @@ def read_llm_answers(cfg: DictConfig, split: str) -> dict[str, list[str]]:
     return out
 
 
+# --- the adapter's lexical path -----------------------------------------------------------------
+def unit_lexicon(units: CTCUnits, tokenizer: PreTrainedTokenizerBase, table: torch.Tensor) -> torch.Tensor:
+    """[V, D]: per CTC unit, the mean of the LLM input embeddings of its text (row 0, the blank: zeros).
+
+    A word-initial piece ("▁scarf") reads as the word after a space (" scarf").
+    """
+    lexicon = table.new_zeros(len(units), table.shape[1])
+    for i, unit in enumerate(units.units[1:], start=1):
+        ids = tokenizer(unit.replace("\u2581", " "), add_special_tokens=False)["input_ids"]
+        if ids:
+            lexicon[i] = table[ids].float().mean(0).to(table.dtype)
+    return lexicon
+
+
+def init_lexical_path(cfg: DictConfig, module: SpeechLLM) -> None:
+    """Start the adapter's lexical path from the stage-1 CTC output layer (stage input_2_align)."""
+    head = read_stage_output(cfg, "input_1_ctc")["state_dict"]
+    table = module.llm.get_input_embeddings().weight.detach()
+    lexicon = unit_lexicon(module.ctc_units, module.tokenizer, table)
+    module.adapter.init_lexical(head["ctc_head.out.weight"], head["ctc_head.out.bias"], lexicon)
+    covered = int((lexicon[1:].abs().sum(-1) > 0).sum())
+    log.info("adapter lexical path: %d of %d CTC units mapped to LLM embeddings", covered, len(lexicon) - 1)
+
+
 # --- stage runners ------------------------------------------------------------------------------
 def build(cfg: DictConfig) -> SpeechLLM:
     llm, tokenizer = load_llm(cfg.llm)
-    return SpeechLLM(cfg, llm, tokenizer)
+    units = None
+    if cfg.adapter.lexical:
+        units = units_from_json(read_stage_output(cfg, "input_1_ctc").get("ctc_units"))
+    return SpeechLLM(cfg, llm, tokenizer, units)
 
 
 def run(cfg: DictConfig) -> dict:
     """Train stage input_2_align or input_3_prompt (by `cfg.stage.name`)."""
     module = build(cfg)
     load_stage_outputs(cfg, module)
+    if cfg.adapter.lexical and module.task == ALIGN:
+        init_lexical_path(cfg, module)
     counts = module.apply_freezing(list(cfg.stage.trainable))
     if module.task == PROMPT:
         from tools.make_llm_answers import ensure_llm_answers

@@ -19,7 +19,14 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from datamodules.qa import build_qa_splits, sample_dialogue
-from datamodules.text_qa import IGNORE_INDEX, TextQADataModule, read_transcripts, repeat_request, transcript_words
+from datamodules.text_qa import (
+    IGNORE_INDEX,
+    TextQADataModule,
+    read_transcripts,
+    repeat_request,
+    to_spoken_form,
+    transcript_words,
+)
 from datamodules.tokenizer import train_bpe_tokenizer
 from modules.config import run_dir
 from modules.llm import SYSTEM_PROMPT, build_qwen2, chat_messages, load_llm
@@ -126,6 +133,10 @@ def evaluate(cfg: DictConfig) -> dict:
     (out / "text_qa_replies.jsonl").write_text("".join(json.dumps(r) + "\n" for r in result["records"]))
     (out / "text_qa.md").write_text(accuracy_table(f"Text QA, held-out test dialogues ({cfg.llm.path})", result))
     print(accuracy_table("Text QA accuracy of the stand-in LLM (held-out test split)", result))
+    # The same questions as speech carries them (lower case, no punctuation): the stage-3 input.
+    spoken = [{**d, "turns": to_spoken_form(d["turns"])} for d in dialogues]
+    spoken_result = evaluate_text_qa(model, tokenizer, spoken, cfg.eval.batch_size, cfg.eval.max_new_tokens)
+    print(f"Text QA accuracy on the questions in spoken form: {spoken_result['accuracy']:.3f}")
     # Saying back unseen sentences: what stage input_2_align needs from the frozen LLM.
     sentences = read_transcripts(cfg.data.text_qa.repeat_eval_manifest)
     if cfg.eval.limit:
@@ -146,6 +157,7 @@ def evaluate(cfg: DictConfig) -> dict:
         "repeat_exact_match": repeat["exact_match"],
         "repeat_scrambled_exact_match": copy["exact_match"],
         "text_qa_accuracy": result["accuracy"],
+        "text_qa_spoken_form_accuracy": spoken_result["accuracy"],
         "text_qa_per_family": result["per_family"],
         "text_qa_per_turn_depth": result["per_turn_depth"],
         "text_qa_turns": result["num_turns"],

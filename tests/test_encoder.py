@@ -10,6 +10,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from datamodules.features import CMVNStats, GlobalCMVN, StreamingFbank, fbank
 from modules.adapter import AdapterConfig, SpeechAdapter, adapter_length
@@ -462,3 +463,32 @@ def test_full_context_encoder_cannot_stream(chunk_frames):
     encoder = make_encoder(chunk_frames=chunk_frames, left_chunks=-1)
     with pytest.raises(ValueError, match="cannot stream"):
         encoder.stream(random_feats(20, seed=0), encoder.init_state(1))
+
+
+@torch.no_grad()
+def test_lexical_adapter_streams_like_offline_and_stays_causal():
+    torch.manual_seed(5)
+    adapter = SpeechAdapter(AdapterConfig(lexical=True), D, D_LLM, num_units=7).eval()
+    # with the conv path's Linear at zero the output is exactly the word vectors of the two
+    # newest frames (it starts near zero in stage input_2_align)
+    assert adapter.proj.weight.abs().max() < 0.01
+    x = torch.randn(1, 13, D)
+    adapter.lexicon.normal_()
+    nn.init.zeros_(adapter.proj.weight)
+    out, _ = adapter(x, torch.tensor([13]))
+    words = adapter.ctc(x).softmax(-1) @ adapter.lexicon
+    words = nn.functional.pad(words, (0, 0, 1, 0))  # output t holds frames 2t - 1 and 2t
+    assert torch.allclose(out[0], words[0].reshape(7, 2, D_LLM).sum(1), atol=1e-5)
+    nn.init.normal_(adapter.proj.weight, std=0.1)
+    ref, _ = adapter(x, torch.tensor([13]))
+    for sizes in ([1] * 13, [3, 5, 5], [13]):
+        state, parts = adapter.init_state(1), []
+        for piece in torch.split(x, sizes, dim=1):
+            o, state = adapter.stream(piece, state)
+            parts.append(o)
+        assert torch.allclose(torch.cat(parts, 1), ref[:, : sum(p.shape[1] for p in parts)], atol=1e-5)
+    with torch.enable_grad():
+        for t in range(7):
+            xg = x.clone().requires_grad_(True)
+            (grad,) = torch.autograd.grad(adapter(xg, torch.tensor([13]))[0][0, t].sum(), xg)
+            assert torch.all(grad[0, 2 * t + 1 :] == 0) and torch.all(grad[0, : max(0, 2 * t - 4)] == 0)

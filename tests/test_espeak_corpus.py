@@ -138,7 +138,7 @@ def test_make_corpus_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
 
     out1 = tmp_path / "c1"
     stats = make_corpus(out1, seed=11, n_asr=20, workers=2, progress=False)
-    assert stats["asr"]["train"]["utterances"] == 16
+    assert stats["asr"]["train"]["utterances"] == 16 + 3  # + the 3 spoken questions of qa_train
     assert stats["asr"]["dev"]["utterances"] == 2 and stats["asr"]["test"]["utterances"] == 2
     assert stats["qa"]["test"]["utterances"] == 3
     assert json.loads((out1 / "corpus_stats.json").read_text())["sample_rate"] == 22050
@@ -164,9 +164,20 @@ def test_make_corpus_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
                 frames = sf.info(str(out1 / turn["audio"])).frames
                 assert abs(frames / 22050 - turn["duration"]) < 1e-3
     assert not texts["test"] & (texts["train"] | texts["dev"])
+    train_rows = [json.loads(line) for line in (out1 / "manifests" / "asr_train.jsonl").read_text().splitlines()]
+    qa_train = [json.loads(line) for line in (out1 / "manifests" / "qa_train.jsonl").read_text().splitlines()]
+    questions = {(t["audio"], t["question"]) for d in qa_train for t in d["turns"]}
+    assert questions <= {(r["audio"], r["text"]) for r in train_rows}
+    assert not any(r["audio"].startswith("audio/qa/") for r in rows)  # the ASR test split stays sentences only
 
     # Same seed, other worker count, explicit QA builder: byte-identical manifests.
     out2 = tmp_path / "c2"
     make_corpus(out2, seed=11, n_asr=20, workers=1, qa_builder=_fake_qa_splits, progress=False)
     assert _read_manifests(out1) == _read_manifests(out2)
     assert (out1 / "corpus_stats.json").read_bytes() == (out2 / "corpus_stats.json").read_bytes()
+
+    out3 = tmp_path / "c3"
+    stats3 = make_corpus(
+        out3, seed=11, n_asr=20, workers=1, qa_builder=_fake_qa_splits, questions_in_asr=False, progress=False
+    )
+    assert stats3["asr"]["train"]["utterances"] == 16

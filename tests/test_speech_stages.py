@@ -217,3 +217,38 @@ def test_streaming_prefill_equals_the_teacher_forced_sequence(speech_args, mini_
     assert int(logits.argmax()) == (reply[0] if reply else model.layout.eos_id)
     # positions: system + turn + reply + answer end
     assert state.positions == emb.shape[1] + len(reply) + len(model.layout.answer_end)
+
+
+def test_lexical_adapter_starts_from_the_stage1_ctc_head(speech_args):
+    from modules.speech_llm import unit_lexicon
+
+    lexical = [*speech_args, "adapter.lexical=true"]
+    train.main(["stage=input_1_ctc", *lexical])
+    head = read_checkpoint(run_dir(load_config(["stage=input_1_ctc", *lexical])) / "model.pt")["state_dict"]
+    cfg2 = load_config(["stage=input_2_align", *lexical])
+    m2 = build(cfg2)
+    assert m2.adapter.ctc.out_features == len(m2.ctc_units) == head["ctc_head.out.weight"].shape[0]
+    load_stage_outputs(cfg2, m2)
+    from modules.speech_llm import init_lexical_path
+
+    init_lexical_path(cfg2, m2)
+    assert torch.equal(m2.adapter.ctc.weight, head["ctc_head.out.weight"])
+    table = m2.llm.get_input_embeddings().weight
+    piece = next(i for i, u in enumerate(m2.ctc_units.units) if u.startswith("\u2581") and len(u) > 2)
+    ids = m2.tokenizer(m2.ctc_units.units[piece].replace("\u2581", " "), add_special_tokens=False)["input_ids"]
+    assert torch.allclose(m2.adapter.lexicon[piece], table[ids].mean(0))
+    assert torch.equal(m2.adapter.lexicon[0], torch.zeros_like(table[0]))  # the blank adds nothing
+    assert torch.equal(unit_lexicon(m2.ctc_units, m2.tokenizer, table.detach()), m2.adapter.lexicon)
+    m2.apply_freezing(list(cfg2.stage.trainable))
+    _check_one_step(m2, _first_batch(ASRDataModule(encoder_data_config(cfg2))), DECLARED["input_2_align"])
+
+    metrics = train.main(["stage=input_2_align", *lexical])
+    assert metrics["train_steps"] == 2
+    saved = read_checkpoint(run_dir(cfg2) / "model.pt")["state_dict"]
+    assert {"adapter.ctc.weight", "adapter.lexicon"} <= set(saved)
+    # later stages rebuild the same adapter and load the trained lexical path
+    cfg3 = load_config(["stage=input_3_prompt", *lexical])
+    m3 = build(cfg3)
+    load_stage_outputs(cfg3, m3)
+    assert torch.equal(m3.adapter.lexicon, saved["adapter.lexicon"])
+    assert torch.equal(m3.adapter.ctc.weight, saved["adapter.ctc.weight"])

@@ -130,6 +130,22 @@ def test_stuttered_repeat_requests_say_each_word_one_to_four_times():
     ]
 
 
+def test_spoken_form_lowercases_and_drops_punctuation_of_user_turns_only():
+    import random
+
+    from datamodules.text_qa import repeat_request, spoken_form, to_spoken_form
+
+    assert spoken_form("Which is bigger, eight or nine?") == "which is bigger eight or nine"
+    assert spoken_form("Don't forget Maria's kite!") == "don't forget maria's kite"
+    turns = [{"question": "What is two plus three?", "answer": "Two plus three is five."}]
+    assert to_spoken_form(turns) == [{"question": "what is two plus three", "answer": "Two plus three is five."}]
+    # a repeat request keeps its written instruction; only the sentence said changes
+    r = repeat_request(random.Random(0), ["The Cat, Tom, is red."], ["a"], scramble_prob=0.0)
+    (spoken,) = to_spoken_form([r])
+    assert spoken["question"].endswith(": the cat tom is red") and spoken["answer"] == "The Cat, Tom, is red."
+    assert spoken["question"][0].isupper()
+
+
 def test_user_turn_loss_off_trains_on_assistant_turns_only():
     import random
 

@@ -9,6 +9,7 @@ Layout written under ``--out``::
     audio/asr/<split>/<id>.flac          one ASR utterance (22050 Hz, PCM_16 FLAC)
     audio/qa/<split>/<id>-t<k>.flac      the spoken question of turn k (0-based) of a QA dialogue
     manifests/asr_<split>.jsonl          {"id","audio","text","speaker","language","duration","sample_rate","split"}
+                                         (asr_train also lists every spoken question of qa_train, see below)
     manifests/qa_<split>.jsonl           {"id","speaker","language","split","turns":[{..., "audio","duration","sample_rate"}]}
     manifests/voices.json                the voices of each split and the assistant voice
     corpus_stats.json                    utterances, hours and voices per split
@@ -18,6 +19,11 @@ occur in training. Everything is a deterministic function of the seed: the same 
 byte-identical manifests whatever the number of workers (the eSpeak driver makes each utterance
 depend only on its text and voice, and outputs are sorted by id). Audio is written at eSpeak's
 native 22050 Hz; resampling is left to the feature pipeline.
+
+The ASR training manifest also lists the spoken questions of the QA training dialogues (their
+audio, with the question as transcript), as a general-domain ASR corpus covers questions: the
+templated ASR sentences alone miss a fifth of the words of the QA test questions ("plus",
+"animals", "bigger", ...), and an encoder that never heard them cannot pass them to the LLM.
 """
 
 from __future__ import annotations
@@ -181,6 +187,7 @@ def make_corpus(
     workers: int = 2,
     *,
     include_qa: bool = True,
+    questions_in_asr: bool = True,
     qa_builder: QABuilder | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -188,7 +195,8 @@ def make_corpus(
 
     ``qa_builder(seed) -> {"train"|"dev"|"test": [dialogue, ...]}`` defaults to
     ``datamodules.qa.build_qa_splits`` (imported only when needed); ``include_qa=False`` skips the
-    spoken-QA part. Existing ``audio/asr`` and ``audio/qa`` folders under ``out_dir`` are replaced.
+    spoken-QA part; ``questions_in_asr=False`` keeps the QA training questions out of the ASR
+    training manifest. Existing ``audio/asr`` and ``audio/qa`` folders under ``out_dir`` are replaced.
     The returned dict is the content of ``corpus_stats.json`` plus ``elapsed_s`` (wall time).
     """
     t0 = time.perf_counter()
@@ -251,6 +259,22 @@ def make_corpus(
             }
             for u in sorted(asr_plan[split], key=lambda u: u["id"])
         ]
+        if split == "train" and include_qa and questions_in_asr:
+            rows += [
+                {
+                    "id": f"asr-{Path(rel).stem}",
+                    "audio": rel,
+                    "text": str(turn["question"]),
+                    "speaker": d["voice"].voice_id,
+                    "language": LANGUAGE,
+                    "duration": duration(rel),
+                    "sample_rate": sample_rate,
+                    "split": split,
+                }
+                for d in sorted(qa_plan[split], key=lambda d: d["id"])
+                for turn, rel in zip(d["turns"], d["audio"])
+            ]
+            rows.sort(key=lambda r: r["id"])
         _write_jsonl(out / "manifests" / f"asr_{split}.jsonl", rows)
         stats["asr"][split] = {
             "utterances": len(rows),
@@ -279,7 +303,7 @@ def make_corpus(
 
     stats["total"] = {
         "utterances": len(jobs),
-        "hours": round(sum(s["hours"] for part in ("asr", "qa") for s in stats[part].values()), 4),
+        "hours": _hours(sum(n for n, _ in results.values()) / sample_rate) if sample_rate else 0.0,
         "voices": sum(len(v) for v in voices.values()),
     }
     _write_json(out / "manifests" / "voices.json", voices_to_json(voices))
@@ -294,6 +318,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n-asr", type=int, default=3000, help="number of ASR utterances")
     parser.add_argument("--workers", type=int, default=2, help="synthesis processes (1 = no pool)")
     parser.add_argument("--no-qa", action="store_true", help="skip the spoken-QA dialogues")
+    parser.add_argument(
+        "--no-questions-in-asr", action="store_true", help="keep the QA training questions out of asr_train"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
@@ -303,6 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         n_asr=args.n_asr,
         workers=args.workers,
         include_qa=not args.no_qa,
+        questions_in_asr=not args.no_questions_in_asr,
         progress=not args.quiet,
     )
     for part in ("asr", "qa"):
