@@ -76,8 +76,8 @@ class SpeechAdapter(nn.Module):
         """Start the lexical path from the stage-1 CTC output layer and the unit vectors [V, D_llm]."""
         if tuple(lexicon.shape) != tuple(self.lexicon.shape) or ctc_weight.shape != self.ctc.weight.shape:
             raise ValueError(
-                f"lexical path sizes disagree: CTC layer {tuple(ctc_weight.shape)} vs {tuple(self.ctc.weight.shape)}, "
-                f"lexicon {tuple(lexicon.shape)} vs {tuple(self.lexicon.shape)}"
+                f"the stage-1 CTC layer {tuple(ctc_weight.shape)} and lexicon {tuple(lexicon.shape)} do not fit "
+                f"this adapter's lexical path: CTC layer {tuple(self.ctc.weight.shape)}, lexicon {tuple(self.lexicon.shape)}"
             )
         with torch.no_grad():
             self.ctc.weight.copy_(ctc_weight)

@@ -448,31 +448,28 @@ def unit_lexicon(units: CTCUnits, tokenizer: PreTrainedTokenizerBase, table: tor
     return lexicon
 
 
-def init_lexical_path(cfg: DictConfig, module: SpeechLLM) -> None:
-    """Start the adapter's lexical path from the stage-1 CTC output layer (stage input_2_align)."""
-    head = read_stage_output(cfg, "input_1_ctc")["state_dict"]
-    table = module.llm.get_input_embeddings().weight.detach()
-    lexicon = unit_lexicon(module.ctc_units, module.tokenizer, table)
-    module.adapter.init_lexical(head["ctc_head.out.weight"], head["ctc_head.out.bias"], lexicon)
-    covered = int((lexicon[1:].abs().sum(-1) > 0).sum())
-    log.info("adapter lexical path: %d of %d CTC units mapped to LLM embeddings", covered, len(lexicon) - 1)
-
-
 # --- stage runners ------------------------------------------------------------------------------
 def build(cfg: DictConfig) -> SpeechLLM:
+    """The module with a frozen LLM; with `adapter.lexical`, its lexical path starts from stage 1.
+
+    The lexical path's CTC layer and units come from the input_1_ctc output (a later stage's
+    saved adapter then replaces them with their trained values).
+    """
     llm, tokenizer = load_llm(cfg.llm)
-    units = None
-    if cfg.adapter.lexical:
-        units = units_from_json(read_stage_output(cfg, "input_1_ctc").get("ctc_units"))
-    return SpeechLLM(cfg, llm, tokenizer, units)
+    if not cfg.adapter.lexical:
+        return SpeechLLM(cfg, llm, tokenizer)
+    stage1 = read_stage_output(cfg, "input_1_ctc")
+    module = SpeechLLM(cfg, llm, tokenizer, units_from_json(stage1.get("ctc_units")))
+    head = stage1["state_dict"]
+    lexicon = unit_lexicon(module.ctc_units, tokenizer, llm.get_input_embeddings().weight.detach())
+    module.adapter.init_lexical(head["ctc_head.out.weight"], head["ctc_head.out.bias"], lexicon)
+    return module
 
 
 def run(cfg: DictConfig) -> dict:
     """Train stage input_2_align or input_3_prompt (by `cfg.stage.name`)."""
     module = build(cfg)
     load_stage_outputs(cfg, module)
-    if cfg.adapter.lexical and module.task == ALIGN:
-        init_lexical_path(cfg, module)
     counts = module.apply_freezing(list(cfg.stage.trainable))
     if module.task == PROMPT:
         from tools.make_llm_answers import ensure_llm_answers

@@ -59,6 +59,7 @@ def speech_args(tmp_path, mini_corpus, mini_llm) -> list[str]:
         "encoder.num_heads=2",
         "encoder.ffn_dim=32",
         "speech_llm.prompt_num=3",
+        "adapter.lexical=false",  # the paper's adapter; tests that want the lexical path add it
         "speech_llm.max_answer_tokens=4",
         "ctc.bpe_vocab_size=60",
         "trainer.max_steps=2",

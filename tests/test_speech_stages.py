@@ -137,10 +137,13 @@ def test_speech_input_stage_chain(speech_args):
     assert {"asr.json", "asr.md", "spoken_qa.json", "spoken_qa.md"} <= {p.name for p in out.iterdir()}
 
     # --- a later stage with an incompatible encoder names both sizes ------------------------------
-    bad = load_config(["stage=input_2_align", *speech_args, "encoder.d_model=24", "encoder.num_heads=2"])
+    wider = ["encoder.d_model=24", "encoder.num_heads=2"]
+    bad = load_config(["stage=input_2_align", *speech_args, *wider, "adapter.lexical=false"])
     with pytest.raises(ValueError, match=r"input_1_ctc saved \(16,\), this model has \(24,\)") as err:
         load_stage_outputs(bad, build(bad))
     assert "encoder.d_model: 16 -> 24" in str(err.value)
+    with pytest.raises(ValueError, match=r"CTC layer \(\d+, 16\) .* do not fit .* CTC layer \(\d+, 24\)"):
+        build(load_config(["stage=input_2_align", *speech_args, *wider, "adapter.lexical=true"]))  # starts from stage 1
     missing = load_config(["stage=input_2_align", *speech_args, "stage.variant=other"])
     with pytest.raises(FileNotFoundError, match="input_1_ctc-other"):
         load_stage_outputs(missing, build(missing))
@@ -229,9 +232,6 @@ def test_lexical_adapter_starts_from_the_stage1_ctc_head(speech_args):
     m2 = build(cfg2)
     assert m2.adapter.ctc.out_features == len(m2.ctc_units) == head["ctc_head.out.weight"].shape[0]
     load_stage_outputs(cfg2, m2)
-    from modules.speech_llm import init_lexical_path
-
-    init_lexical_path(cfg2, m2)
     assert torch.equal(m2.adapter.ctc.weight, head["ctc_head.out.weight"])
     table = m2.llm.get_input_embeddings().weight
     piece = next(i for i, u in enumerate(m2.ctc_units.units) if u.startswith("\u2581") and len(u) > 2)
