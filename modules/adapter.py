@@ -74,7 +74,7 @@ class SpeechAdapter(nn.Module):
 
     def init_lexical(self, ctc_weight: torch.Tensor, ctc_bias: torch.Tensor, lexicon: torch.Tensor) -> None:
         """Start the lexical path from the stage-1 CTC output layer and the unit vectors [V, D_llm]."""
-        if tuple(lexicon.shape) != tuple(self.lexicon.shape) or ctc_weight.shape != self.ctc.weight.shape:
+        if lexicon.shape != self.lexicon.shape or ctc_weight.shape != self.ctc.weight.shape:
             raise ValueError(
                 f"the stage-1 CTC layer {tuple(ctc_weight.shape)} and lexicon {tuple(lexicon.shape)} do not fit "
                 f"this adapter's lexical path: CTC layer {tuple(self.ctc.weight.shape)}, lexicon {tuple(self.lexicon.shape)}"

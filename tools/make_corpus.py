@@ -244,37 +244,28 @@ def make_corpus(
     def duration(rel: str) -> float:
         return round(results[rel][0] / sample_rate, 4)
 
+    def asr_row(uid: str, rel: str, text: str, voice: Voice, split: str) -> dict[str, Any]:
+        return {
+            "id": uid,
+            "audio": rel,
+            "text": text,
+            "speaker": voice.voice_id,
+            "language": LANGUAGE,
+            "duration": duration(rel),
+            "sample_rate": sample_rate,
+            "split": split,
+        }
+
     stats: dict[str, Any] = {"seed": seed, "sample_rate": sample_rate, "asr": {}, "qa": {}}
     for split in SPLITS:
-        rows = [
-            {
-                "id": u["id"],
-                "audio": u["audio"],
-                "text": u["text"],
-                "speaker": u["voice"].voice_id,
-                "language": LANGUAGE,
-                "duration": duration(u["audio"]),
-                "sample_rate": sample_rate,
-                "split": split,
-            }
-            for u in sorted(asr_plan[split], key=lambda u: u["id"])
-        ]
+        rows = [asr_row(u["id"], u["audio"], u["text"], u["voice"], split) for u in asr_plan[split]]
         if split == "train" and include_qa and questions_in_asr:
             rows += [
-                {
-                    "id": f"asr-{Path(rel).stem}",
-                    "audio": rel,
-                    "text": str(turn["question"]),
-                    "speaker": d["voice"].voice_id,
-                    "language": LANGUAGE,
-                    "duration": duration(rel),
-                    "sample_rate": sample_rate,
-                    "split": split,
-                }
-                for d in sorted(qa_plan[split], key=lambda d: d["id"])
+                asr_row(f"asr-{Path(rel).stem}", rel, str(turn["question"]), d["voice"], split)
+                for d in qa_plan[split]
                 for turn, rel in zip(d["turns"], d["audio"])
             ]
-            rows.sort(key=lambda r: r["id"])
+        rows.sort(key=lambda r: r["id"])
         _write_jsonl(out / "manifests" / f"asr_{split}.jsonl", rows)
         stats["asr"][split] = {
             "utterances": len(rows),
