@@ -21,6 +21,14 @@ import sys
 from modules.config import ConfigError, load_config, run_cli
 
 
+def _threads(cfg):
+    """Honour trainer.num_threads (e.g. 1 per evaluation when two run side by side)."""
+    from modules.training import apply_num_threads
+
+    apply_num_threads(cfg)
+    return cfg
+
+
 def eval_text_qa(argv: list[str]) -> dict:
     from modules.text_llm import evaluate
     from modules.training import write_metrics
@@ -36,13 +44,13 @@ def eval_text_qa(argv: list[str]) -> dict:
 def eval_asr(argv: list[str]) -> dict:
     from modules.asr_eval import evaluate_asr
 
-    return evaluate_asr(load_config(argv, stage="input_2_align"))
+    return evaluate_asr(_threads(load_config(argv, stage="input_2_align")))
 
 
 def eval_spoken_qa(argv: list[str]) -> dict:
     from modules.spoken_qa_eval import evaluate_spoken_qa
 
-    return evaluate_spoken_qa(load_config(argv, stage="input_3_prompt"))
+    return evaluate_spoken_qa(_threads(load_config(argv, stage="input_3_prompt")))
 
 
 def eval_input(argv: list[str]) -> dict:

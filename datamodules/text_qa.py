@@ -32,6 +32,9 @@ from datamodules.qa import DAYS, MONTHS, build_qa_splits, sample_dialogue
 from modules.llm import chat_messages
 
 IGNORE_INDEX = -100
+# A "gap" position in a spread user turn (see `spread_user_turns`): the LLM reads a zero input
+# vector there, as it does where the lexical adapter hears no word (a CTC blank).
+GAP_ID = -1
 REPEAT_PROMPTS = ["Repeat after me: {s}", "Please say this back to me: {s}", "Say exactly this: {s}"]
 
 
@@ -56,6 +59,15 @@ class TextQADataConfig:
     # three" as well as "What is two plus three?"; a stand-in trained on written text only
     # answers half as many (README: stand-in variants).
     spoken_form_prob: float = 0.0
+    # Share of QA dialogues whose user turns (in spoken form) are spread over positions as the
+    # lexical adapter delivers speech at 12.5 Hz: each token is followed by 0 to 2g gap
+    # positions (zero input vectors), g drawn per example from `spread_gaps`, some tokens
+    # said twice, a few gaps before and after. Measured on the spoken QA: 2.8 speech positions
+    # per spoken-form token. Without it a stand-in that only ever read dense text answers 0.37
+    # of first questions from the lexical vectors alone (README: stand-in variants).
+    speech_spread_prob: float = 0.0
+    spread_gaps: tuple[float, float] = (1.0, 2.5)
+    spread_repeat_prob: float = 0.1  # share of tokens that fill two positions
     # Train on the user turns too (a language-model loss on the questions), or on the
     # assistant turns only. A random word sequence in a user turn cannot be predicted, so its
     # loss there is pure noise.
@@ -68,37 +80,69 @@ class TextQADataConfig:
     val_dialogues: int = 100
 
 
+@dataclass
+class SpreadSpec:
+    """How one example's user tokens spread over positions, as speech does (see `encode_chat`)."""
+
+    rng: random.Random
+    mean_gaps: float  # gap positions after a token: uniform over 0 .. 2 x mean_gaps
+    repeat_prob: float  # a token fills two positions
+
+    def positions(self, first: bool) -> list[bool]:
+        """One token's positions: True = the token, False = a gap; `first` adds 0-2 leading gaps."""
+        lead = [False] * self.rng.randint(0, 2) if first else []
+        said = [True] * (2 if self.rng.random() < self.repeat_prob else 1)
+        return lead + said + [False] * self.rng.randint(0, round(2 * self.mean_gaps))
+
+
 def encode_chat(
     tokenizer: PreTrainedTokenizerBase,
     messages: list[dict],
     max_length: int,
     roles: tuple[str, ...] = ("user", "assistant"),
+    spread: SpreadSpec | None = None,
 ) -> tuple[list[int], list[int]]:
     """Token ids of the rendered chat and labels that are IGNORE_INDEX outside the turns of `roles`.
 
     A turn's span (its content and closing <|im_end|>) is found in the rendered text (prefix
-    renders are stable for ChatML) and mapped to tokens through the character offsets.
+    renders are stable for ChatML) and mapped to tokens through the character offsets. With
+    `spread`, the user turns' content tokens are spread over gap positions (`spread_tokens`).
     """
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     spans: list[tuple[int, int]] = []
+    user_spans: list[tuple[int, int]] = []
     for i, m in enumerate(messages):
-        if m["role"] in roles:
-            prefix = tokenizer.apply_chat_template(
-                messages[:i], tokenize=False, add_generation_prompt=m["role"] == "assistant"
+        if m["role"] not in roles and not (spread and m["role"] == "user"):
+            continue
+        prefix = tokenizer.apply_chat_template(
+            messages[:i], tokenize=False, add_generation_prompt=m["role"] == "assistant"
+        )
+        start = len(prefix) if m["role"] == "assistant" else text.index(m["content"], len(prefix))
+        if text[start : start + len(m["content"])] != m["content"]:
+            raise ValueError(
+                f"the chat template does not render prefixes stably; cannot locate the {m['role']} turn {i}"
             )
-            start = len(prefix) if m["role"] == "assistant" else text.index(m["content"], len(prefix))
-            if text[start : start + len(m["content"])] != m["content"]:
-                raise ValueError(
-                    f"the chat template does not render prefixes stably; cannot locate the {m['role']} turn {i}"
-                )
+        if m["role"] in roles:
             spans.append((start, start + len(m["content"]) + len(tokenizer.eos_token)))
+        if m["role"] == "user":
+            user_spans.append((start, start + len(m["content"])))
     enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
-    ids = enc["input_ids"][:max_length]
-    labels = [
-        tok if any(s <= begin < e for s, e in spans) else IGNORE_INDEX
-        for tok, (begin, _) in zip(ids, enc["offset_mapping"][:max_length])
-    ]
-    return ids, labels
+    ids, labels = [], []
+    current = None  # the user span of the previous token
+    for tok, (begin, _) in zip(enc["input_ids"], enc["offset_mapping"]):
+        label = tok if any(s <= begin < e for s, e in spans) else IGNORE_INDEX
+        span = next((u for u in user_spans if u[0] <= begin < u[1]), None) if spread else None
+        if span is None:
+            ids.append(tok)
+            labels.append(label)
+        else:
+            said = False
+            for is_token in spread.positions(first=span != current):
+                ids.append(tok if is_token else GAP_ID)
+                labels.append(label if is_token and not said else IGNORE_INDEX)  # a repeat is not a target
+                said |= is_token
+        current = span
+    return ids[:max_length], labels[:max_length]
 
 
 def sequence_request(rng: random.Random) -> dict:
@@ -196,17 +240,19 @@ class TextQAStream(IterableDataset):
         self.qa_seed, self.seed = qa_seed, seed
 
     def example(self, rng: random.Random) -> tuple[list[int], list[int]]:
-        u = rng.random()
+        u, spread = rng.random(), None
         if self.transcripts and u < self.cfg.repeat_prob:
             turns = [repeat_request(rng, self.transcripts, self.words, self.cfg.scramble_prob, self.cfg.stutter_prob)]
         elif u < self.cfg.repeat_prob + self.cfg.sequence_prob:
             turns = [sequence_request(rng)]
         else:
             turns = [t.as_dict() for t in sample_dialogue(rng, self.qa_seed, heldout=False)]
-        if self.cfg.spoken_form_prob > 0 and rng.random() < self.cfg.spoken_form_prob:
+            if self.cfg.speech_spread_prob > 0 and rng.random() < self.cfg.speech_spread_prob:
+                spread = SpreadSpec(rng, rng.uniform(*self.cfg.spread_gaps), self.cfg.spread_repeat_prob)
+        if spread or (self.cfg.spoken_form_prob > 0 and rng.random() < self.cfg.spoken_form_prob):
             turns = to_spoken_form(turns)
         roles = ("user", "assistant") if self.cfg.user_turn_loss else ("assistant",)
-        return encode_chat(self.tokenizer, dialogue_messages(turns), self.cfg.max_length, roles=roles)
+        return encode_chat(self.tokenizer, dialogue_messages(turns), self.cfg.max_length, roles=roles, spread=spread)
 
     def __iter__(self):
         info = get_worker_info()

@@ -1,4 +1,4 @@
-"""Transcript normalisation, CTC output units (characters or BPE pieces) and word error rate.
+"""Transcript normalisation, CTC output units (characters, BPE pieces or LLM tokens) and word error rate.
 
 One normalisation serves CTC targets, CTC hypotheses and LLM transcripts, so every WER in
 the tables compares like with like: lower case, letters, digits and apostrophes kept, hyphens
@@ -7,6 +7,7 @@ and slashes become spaces, other punctuation is dropped, whitespace collapsed.
 
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
 from collections.abc import Iterable
@@ -108,5 +109,54 @@ class BPEUnits:
         for i in ids:
             if i != prev and i != 0:
                 out.append(i - 1)
+            prev = i
+        return _SPACES.sub(" ", self.tokenizer.decode(out)).strip()
+
+
+class LLMTokenUnits:
+    """CTC output units that are tokens of the LLM's own tokenizer (index 0 is the blank).
+
+    The units are the tokens the normalised training transcripts use, so a frame's CTC
+    distribution is a distribution over LLM tokens: the adapter's lexical path then reads
+    each unit's exact LLM input embedding (no averaging over the several tokens a word piece
+    of a separate BPE would split into). `token_ids` maps unit k to LLM token `token_ids[k-1]`.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, token_ids: list[int]):
+        self.tokenizer, self.token_ids = tokenizer, list(token_ids)
+        self.units = [BLANK] + [tokenizer.id_to_token(i) for i in self.token_ids]
+        self._index = {t: k for k, t in enumerate(self.token_ids, start=1)}
+
+    @classmethod
+    def from_texts(cls, tokenizer: Tokenizer, texts: Iterable[str]) -> LLMTokenUnits:
+        used = {i for t in texts for i in tokenizer.encode(normalize_transcript(t), add_special_tokens=False).ids}
+        return cls(tokenizer, sorted(used))
+
+    @classmethod
+    def from_json(cls, text: str) -> LLMTokenUnits:
+        spec = json.loads(text)
+        return cls(Tokenizer.from_str(spec["tokenizer"]), spec["token_ids"])
+
+    def to_json(self) -> str:
+        return json.dumps({"tokenizer": self.tokenizer.to_str(), "token_ids": self.token_ids})
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def _tokens(self, text: str) -> list[int]:
+        return self.tokenizer.encode(normalize_transcript(text), add_special_tokens=False).ids
+
+    def encode(self, text: str) -> list[int]:
+        """Unit indices of the normalised text; tokens no training transcript used are dropped."""
+        return [self._index[i] for i in self._tokens(text) if i in self._index]
+
+    def oov(self, text: str) -> set[str]:
+        return {self.tokenizer.id_to_token(i) for i in self._tokens(text) if i not in self._index}
+
+    def decode(self, ids: list[int]) -> str:
+        out, prev = [], 0
+        for i in ids:
+            if i != prev and i != 0:
+                out.append(self.token_ids[i - 1])
             prev = i
         return _SPACES.sub(" ", self.tokenizer.decode(out)).strip()

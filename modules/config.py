@@ -61,7 +61,8 @@ class StageConfig:
     # Stages whose outputs this stage starts from, in order.
     init_from: list[str] = field(default_factory=list)
     # A named alternative of the chain (e.g. `static` for encoders trained without dynamic
-    # chunks): outputs go to runs/<exp>/<stage>-<variant>/ and `init_from` reads the same variant.
+    # chunks): outputs go to runs/<exp>/<stage>-<variant>/ and `init_from` reads the same variant
+    # unless an entry names another as <stage>@<variant> (`input_1_ctc@`: the main chain).
     variant: str = ""
 
 
@@ -143,6 +144,17 @@ def _read_choice(folder: str, choice: str, config_dir: Path) -> DictConfig:
     return loaded
 
 
+def _read_experiment(name: str, config_dir: Path, seen: tuple[str, ...] = ()) -> DictConfig:
+    """An experiment file; `extends: <parent>` merges it over the parent experiment first."""
+    if name in seen:
+        raise ConfigError(f"experiment files extend each other in a loop: {' -> '.join([*seen, name])}")
+    cfg = _read_choice("experiment", name, config_dir)
+    parent = cfg.pop("extends", None)
+    if parent is None:
+        return cfg
+    return OmegaConf.merge(_read_experiment(str(parent), config_dir, (*seen, name)), cfg)  # type: ignore[return-value]
+
+
 def _check_keys(schema: DictConfig, update: Any, where: str, prefix: str = "") -> None:
     """Raise ConfigError at the first key of `update` that `schema` does not have."""
     if not isinstance(update, DictConfig | dict):
@@ -200,7 +212,7 @@ def load_config(argv: list[str] | None = None, config_dir: Path = CONFIG_DIR, **
         if key not in selected:
             raise ConfigError(f"missing {key}=<name>; choices: {', '.join(_choices(key, config_dir))}")
     stage, experiment = selected["stage"], selected["experiment"]
-    exp_cfg = _read_choice("experiment", experiment, config_dir)
+    exp_cfg = _read_experiment(experiment, config_dir)
     stage_cfg = _read_choice("stage", stage, config_dir)
 
     exp_defaults = exp_cfg.pop("defaults", OmegaConf.create({}))
@@ -238,9 +250,14 @@ def load_config(argv: list[str] | None = None, config_dir: Path = CONFIG_DIR, **
 
 
 def run_dir(cfg: DictConfig, stage: str | None = None) -> Path:
-    """runs/<experiment>/<stage>[-<variant>]/: config, checkpoints, TensorBoard logs, metrics.json."""
-    name = stage or cfg.stage.name
-    return Path(cfg.run_root) / cfg.experiment / (f"{name}-{cfg.stage.variant}" if cfg.stage.variant else name)
+    """runs/<experiment>/<stage>[-<variant>]/: config, checkpoints, TensorBoard logs, metrics.json.
+
+    `stage` may name another variant as `<stage>@<variant>` (`input_1_ctc@` is the main one).
+    """
+    name, variant = (stage or cfg.stage.name), cfg.stage.variant
+    if "@" in name:
+        name, variant = name.split("@", 1)
+    return Path(cfg.run_root) / cfg.experiment / (f"{name}-{variant}" if variant else name)
 
 
 def eval_dir(cfg: DictConfig) -> Path:

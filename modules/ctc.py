@@ -21,13 +21,14 @@ from tqdm.auto import tqdm
 from datamodules.asr import ASRDataConfig, ASRDataModule
 from datamodules.features import GlobalCMVN
 from datamodules.shards import iter_metadata
-from datamodules.transcripts import BPEUnits, CharVocab, wer
+from datamodules.transcripts import BPEUnits, CharVocab, LLMTokenUnits, wer
 from modules.encoder import SpeechEncoder
 from modules.tb import log_posteriorgram
 from modules.training import (
     StageModule,
     fit,
     load_saved_weights,
+    load_stage_outputs,
     make_optimizer,
     read_stage_output,
     save_stage_output,
@@ -37,18 +38,23 @@ from modules.training import (
 log = logging.getLogger(__name__)
 
 
-CTCUnits = CharVocab | BPEUnits
+CTCUnits = CharVocab | BPEUnits | LLMTokenUnits
 
 
 def make_units(cfg: DictConfig) -> CTCUnits:
-    """The CTC output units of `cfg.ctc`: characters, or a BPE trained on the training transcripts."""
+    """The CTC output units of `cfg.ctc`: characters, a BPE trained on the training transcripts,
+    or the LLM tokenizer's tokens that those transcripts use."""
     if cfg.ctc.units == "char":
         return CharVocab(cfg.ctc.vocab)
-    if cfg.ctc.units != "bpe":
-        raise ValueError(f"ctc.units must be 'bpe' or 'char', not '{cfg.ctc.units}'")
+    if cfg.ctc.units not in ("bpe", "llm"):
+        raise ValueError(f"ctc.units must be 'bpe', 'char' or 'llm', not '{cfg.ctc.units}'")
     texts = [meta.get("text", "") for _, meta in iter_metadata(cfg.data.asr.train_shards)]
     if not texts:
-        raise ValueError(f"no transcripts in {cfg.data.asr.train_shards} to train the CTC BPE on")
+        raise ValueError(f"no transcripts in {cfg.data.asr.train_shards} to build the CTC units from")
+    if cfg.ctc.units == "llm":
+        from modules.text_llm import ensure_tokenizer  # the stand-in's module; loads no model
+
+        return LLMTokenUnits.from_texts(ensure_tokenizer(cfg).backend_tokenizer, texts)
     return BPEUnits.train(texts, cfg.ctc.bpe_vocab_size, cfg.ctc.vocab)
 
 
@@ -158,6 +164,7 @@ def run(cfg: DictConfig) -> dict:
     if not cfg.data.asr.cmvn_path:
         raise ValueError("stage input_1_ctc needs data.asr.cmvn_path (CMVN stats from tools.compute_cmvn)")
     module.encoder.set_cmvn(GlobalCMVN.load(cfg.data.asr.cmvn_path))
+    load_stage_outputs(cfg, module)  # none by default; e.g. a dynamic-chunk encoder from the chunk-4 one
     oov = set().union(*(module.vocab.oov(m.get("text", "")) for _, m in iter_metadata(cfg.data.asr.dev_shards)))
     if oov:
         log.warning("transcript characters outside ctc.vocab are dropped from CTC targets: %s", sorted(oov))
@@ -235,6 +242,8 @@ def load_encoder_ctc(cfg: DictConfig, stage: str = "input_1_ctc") -> EncoderCTC:
 def units_json(units: CTCUnits) -> str:
     if isinstance(units, BPEUnits):
         return json.dumps({"bpe": units.to_json()})
+    if isinstance(units, LLMTokenUnits):
+        return json.dumps({"llm": units.to_json()})
     return json.dumps({"chars": "".join(units.units[1:])})
 
 
@@ -242,4 +251,6 @@ def units_from_json(text: str | None) -> CTCUnits:
     if text is None:
         raise ValueError("this input_1_ctc output has no CTC units (saved by an older version?)")
     spec = json.loads(text)
+    if "llm" in spec:
+        return LLMTokenUnits.from_json(spec["llm"])
     return BPEUnits.from_json(spec["bpe"]) if "bpe" in spec else CharVocab(spec["chars"])

@@ -52,7 +52,7 @@ class EncoderConfig:
 class CTCConfig:
     """The CTC head of stage input_1_ctc: outputs are BPE pieces or characters, plus the blank."""
 
-    units: str = "bpe"  # bpe | char
+    units: str = "bpe"  # bpe | char | llm (the LLM tokenizer's tokens: exact word vectors for adapter.lexical)
     bpe_vocab_size: int = 256  # BPE pieces, trained on the training transcripts at stage start
     vocab: str = " 'abcdefghijklmnopqrstuvwxyz0123456789"  # characters (the BPE's base alphabet)
     # > 0: an auxiliary character CTC on the output of this encoder layer (hierarchical CTC).

@@ -37,6 +37,7 @@ from datamodules.asr import ASRDataModule
 from datamodules.features import StreamingFbank
 from datamodules.spoken_qa import SpokenQADataModule
 from datamodules.text_qa import IGNORE_INDEX
+from datamodules.transcripts import LLMTokenUnits
 from modules.adapter import AdapterState, SpeechAdapter
 from modules.ctc import CTCUnits, Decoder, ctc_loss, encoder_data_config, evaluate_wer, units_from_json
 from modules.embeddings import PromptEmbedding, SpeechSpecials
@@ -436,11 +437,23 @@ def read_llm_answers(cfg: DictConfig, split: str) -> dict[str, list[str]]:
 
 # --- the adapter's lexical path -----------------------------------------------------------------
 def unit_lexicon(units: CTCUnits, tokenizer: PreTrainedTokenizerBase, table: torch.Tensor) -> torch.Tensor:
-    """[V, D]: per CTC unit, the mean of the LLM input embeddings of its text (row 0, the blank: zeros).
+    """[V, D]: per CTC unit, the mean of the LLM input embeddings of its text (row 0, the blank: zeros);
+    for units that are LLM tokens (`ctc.units=llm`), exactly their embeddings.
 
     A word-initial piece ("▁scarf") reads as the word after a space (" scarf").
     """
     lexicon = table.new_zeros(len(units), table.shape[1])
+    if isinstance(units, LLMTokenUnits):  # units are the LLM's tokens: their own embeddings
+        tokens = tokenizer.convert_ids_to_tokens(units.token_ids)
+        wrong = [(i, u, t) for i, u, t in zip(units.token_ids, units.units[1:], tokens) if u != t]
+        if wrong:
+            raise ValueError(
+                f"the stage-1 CTC units are tokens of another tokenizer than this LLM's ({len(wrong)} of "
+                f"{len(tokens)} differ, e.g. id {wrong[0][0]}: {wrong[0][1]!r} vs {wrong[0][2]!r}); "
+                "retrain input_1_ctc with this llm.path"
+            )
+        lexicon[1:] = table[torch.tensor(units.token_ids)]
+        return lexicon
     for i, unit in enumerate(units.units[1:], start=1):
         ids = tokenizer(unit.replace("\u2581", " "), add_special_tokens=False)["input_ids"]
         if ids:

@@ -10,20 +10,23 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from datamodules.qa import build_qa_splits, sample_dialogue
 from datamodules.text_qa import (
+    GAP_ID,
     IGNORE_INDEX,
     TextQADataModule,
     read_transcripts,
     repeat_request,
+    spoken_form,
     to_spoken_form,
     transcript_words,
 )
@@ -48,7 +51,13 @@ class TextLLM(StageModule):
         return {"llm": self.llm}
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.llm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        ids = batch["input_ids"]
+        if (ids == GAP_ID).any():  # spread user turns: gap positions read a zero vector
+            gap = ids == GAP_ID
+            embeds = self.llm.get_input_embeddings()(ids.masked_fill(gap, 0)).masked_fill(gap[..., None], 0.0)
+            out = self.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"])
+        else:
+            out = self.llm(input_ids=ids, attention_mask=batch["attention_mask"])
         logits = out.logits[:, :-1]  # [B, L-1, V]: position t predicts token t+1
         targets = batch["labels"][:, 1:]
         loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
@@ -86,15 +95,47 @@ class TextLLM(StageModule):
 
 
 def tokenizer_corpus(cfg: DictConfig) -> list[str]:
-    """Text the BPE is trained on: training QA dialogues, repeat prompts and ASR train transcripts."""
+    """Text the BPE is trained on: training QA dialogues, repeat prompts and ASR train transcripts.
+
+    Questions and transcripts come in spoken form too (lower case, no punctuation), so "what"
+    is a token as "What" is: speech reaches the LLM in that form, and with `ctc.units=llm`
+    the CTC units are these tokens (else "what" falls apart into "w", "h", "at").
+    The corpus depends only on the seeds, the corpus and the vocabulary size, so every stage
+    that trains it (`ensure_tokenizer`) gets the same tokenizer.
+    """
     rng = random.Random(f"bpe-{cfg.seed}")
     texts = [f"system\nuser\nassistant\n{SYSTEM_PROMPT}"] * 1000  # what every chat holds
     for _ in range(5000):
         for t in sample_dialogue(rng, cfg.corpus.seed, heldout=False):
-            texts += [t.question, t.answer]
-    if cfg.data.text_qa.repeat_prob > 0:
-        texts += read_transcripts(cfg.data.text_qa.repeat_manifest)
-    return texts
+            texts += [t.question, t.answer, spoken_form(t.question)]
+    transcripts = read_transcripts(cfg.data.text_qa.repeat_manifest)
+    return texts + transcripts + [spoken_form(t) for t in transcripts]
+
+
+def is_stand_in(cfg: DictConfig) -> bool:
+    """True when llm.path is this experiment's stand-in (trained by stage llm_text)."""
+    return Path(cfg.llm.path).resolve() == (run_dir(cfg, "llm_text") / "hf").resolve()
+
+
+def ensure_tokenizer(cfg: DictConfig) -> PreTrainedTokenizerBase:
+    """The LLM's tokenizer, from llm.path; for the stand-in, trained and saved there first if absent.
+
+    Stage input_1_ctc uses it for `ctc.units=llm` before (or while) stage llm_text trains the
+    model; llm_text trains the same tokenizer again (deterministic) and saves it with the model.
+    """
+    path = Path(cfg.llm.path)
+    if (path / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if not is_stand_in(cfg):
+        raise FileNotFoundError(f"no tokenizer.json at '{path}' (llm.path)")
+    tokenizer = train_bpe_tokenizer(tokenizer_corpus(cfg), cfg.llm.arch.vocab_size)
+    tmp = path.with_name(f"{path.name}.tokenizer-{os.getpid()}")
+    tokenizer.save_pretrained(tmp)
+    path.mkdir(parents=True, exist_ok=True)
+    for f in tmp.iterdir():  # file by file, atomically: a run beside this one may write the same files
+        os.replace(f, path / f.name)
+    tmp.rmdir()
+    return tokenizer
 
 
 def run(cfg: DictConfig) -> dict:

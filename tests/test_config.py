@@ -95,3 +95,24 @@ def test_experiment_stage_blocks_apply_after_the_stage_file(tmp_path):
     )
     with pytest.raises(ConfigError, match=r"trainer\.max_step.*stages\.s"):
         load_config(["stage=s", "experiment=bad"], config_dir=tmp_path)
+
+
+def test_an_experiment_extends_another_and_a_loop_is_named(tmp_path):
+    import shutil
+
+    shutil.copytree(CONFIG_DIR, tmp_path / "configs")
+    exp = tmp_path / "configs" / "experiment"
+    (exp / "short.yaml").write_text(
+        "extends: tiny\nseed: 5\nstages:\n  input_1_ctc:\n    trainer:\n      max_steps: 9\n"
+    )
+    base = load_config(["stage=input_1_ctc", "experiment=tiny"], config_dir=tmp_path / "configs")
+    short = load_config(["stage=input_1_ctc", "experiment=short"], config_dir=tmp_path / "configs")
+    assert short.trainer.max_steps == 9 and short.seed == 5 and short.experiment == "short"
+    # everything else comes from the parent, its per-stage overrides included
+    assert short.data.asr.max_frames_per_batch == base.data.asr.max_frames_per_batch
+    assert short.trainer.val_check_interval == base.trainer.val_check_interval
+    assert short.llm.path.endswith("short/llm_text/hf")  # the run folder is the child's
+    (exp / "a.yaml").write_text("extends: b\n")
+    (exp / "b.yaml").write_text("extends: a\n")
+    with pytest.raises(ConfigError, match="loop: a -> b -> a"):
+        load_config(["stage=llm_text", "experiment=a"], config_dir=tmp_path / "configs")

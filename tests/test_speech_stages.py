@@ -148,6 +148,14 @@ def test_speech_input_stage_chain(speech_args):
     with pytest.raises(FileNotFoundError, match="input_1_ctc-other"):
         load_stage_outputs(missing, build(missing))
 
+    # --- a variant can start from another: a dynamic-chunk encoder from the chunk-4 one ------------
+    dyn = ["stage=input_1_ctc", *speech_args, "stage.variant=dynamic", "encoder.dynamic_chunk=true"]
+    train.main([*dyn, "stage.init_from=[input_1_ctc@]", "optim.lr=0", "optim.weight_decay=0"])
+    copied = read_checkpoint(run_dir(load_config(dyn)) / "model.pt")["state_dict"]
+    assert copied.keys() == saved.keys() and all(torch.equal(copied[k], saved[k]) for k in saved)  # lr 0: unchanged
+    with pytest.raises(FileNotFoundError, match="input_1_ctc-other"):
+        train.main([*dyn, "stage.init_from=[input_1_ctc@other]"])
+
 
 @pytest.mark.parametrize("units", ["char", "bpe"])
 def test_hierarchical_ctc_adds_a_character_loss_on_an_inner_layer(speech_args, units):
@@ -252,3 +260,25 @@ def test_lexical_adapter_starts_from_the_stage1_ctc_head(speech_args):
     load_stage_outputs(cfg3, m3)
     assert torch.equal(m3.adapter.lexicon, saved["adapter.lexicon"])
     assert torch.equal(m3.adapter.ctc.weight, saved["adapter.ctc.weight"])
+
+
+def test_llm_token_units_give_the_lexical_path_the_exact_llm_embeddings(speech_args, tmp_path):
+    from modules.speech_llm import unit_lexicon
+    from modules.text_llm import ensure_tokenizer
+
+    lexical = [*speech_args, "adapter.lexical=true", "ctc.units=llm"]
+    train.main(["stage=input_1_ctc", *lexical])
+    cfg2 = load_config(["stage=input_2_align", *lexical])
+    m2 = build(cfg2)
+    table = m2.llm.get_input_embeddings().weight
+    assert torch.equal(m2.adapter.lexicon[1:], table[torch.tensor(m2.ctc_units.token_ids)])
+    assert torch.equal(m2.adapter.lexicon[0], torch.zeros_like(table[0]))
+    # an LLM with another tokenizer is refused, naming a token that differs
+    other = ensure_tokenizer(load_config(["stage=llm_text", *speech_args, f"run_root={tmp_path / 'other'}",
+                                          "llm.path=${run_root}/${experiment}/llm_text/hf", "llm.arch.vocab_size=300"]))  # fmt: skip
+    with pytest.raises(ValueError, match="tokens of another tokenizer"):
+        unit_lexicon(m2.ctc_units, other, torch.zeros(len(other), table.shape[1]))
+    saved = tmp_path / "other" / "tiny" / "llm_text" / "hf"
+    assert (saved / "tokenizer.json").is_file() and not (saved / "config.json").exists()  # tokenizer only, for now
+    assert ensure_tokenizer(load_config(["stage=input_1_ctc", *speech_args, f"run_root={tmp_path / 'other'}",
+                                         f"llm.path={saved}"])).get_vocab() == other.get_vocab()  # fmt: skip

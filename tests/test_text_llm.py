@@ -146,6 +146,65 @@ def test_spoken_form_lowercases_and_drops_punctuation_of_user_turns_only():
     assert spoken["question"][0].isupper()
 
 
+def test_spread_user_turns_keep_the_text_between_gaps_and_learn_each_token_once():
+    import random
+
+    from datamodules.text_qa import GAP_ID, SpreadSpec
+
+    tok = train_bpe_tokenizer(["what is two plus three Two plus three is five. system user assistant"] * 50, 300)
+    turns = [
+        {"question": "what is two plus three", "answer": "Two plus three is five."},
+        {"question": "what is two plus two", "answer": "Two plus two is four."},
+    ]
+    dense, dense_labels = encode_chat(tok, dialogue_messages(turns), 512)
+    rng = random.Random(0)
+    ids, labels = encode_chat(tok, dialogue_messages(turns), 512, spread=SpreadSpec(rng, 2.0, 0.3))
+    assert len(ids) == len(labels) > len(dense)
+    # dropping the gaps and the second position of a repeated token gives the dense chat back
+    kept = [(i, lab) for k, (i, lab) in enumerate(zip(ids, labels)) if i != GAP_ID and not (k and ids[k - 1] == i)]
+    assert [i for i, _ in kept] == dense and [lab for _, lab in kept] == dense_labels
+    assert all(lab == IGNORE_INDEX for i, lab in zip(ids, labels) if i == GAP_ID)
+    # only user content spreads: the text before the first gap is the system turn and user header
+    first_gap = ids.index(GAP_ID)
+    assert tok.decode(ids[:first_gap]).endswith("<|im_start|>user\n")
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    first_user_end, first_answer_end = [k for k, i in enumerate(ids) if i == im_end][1:3]
+    assert GAP_ID not in ids[first_user_end:first_answer_end]  # the assistant turn stays dense
+    # about 1 + mean_gaps positions per user token (gaps 0..4, mean 2)
+    user_tokens = sum(len(tok(t["question"])["input_ids"]) for t in turns)
+    assert 2.0 < (len(ids) - len(dense) + user_tokens) / user_tokens < 5.0
+
+
+def test_spread_examples_train_through_zero_vectors_at_the_gaps():
+    import random
+
+    from datamodules.text_qa import GAP_ID, TextQADataConfig, TextQAStream, collate
+    from modules.text_llm import TextLLM
+
+    cfg = load_config(["stage=llm_text", "experiment=tiny", *TINY])
+    tok = train_bpe_tokenizer(["what is two plus three Two plus three is five. system user assistant"] * 50, 400)
+    data = TextQADataConfig(repeat_prob=0.0, sequence_prob=0.0, speech_spread_prob=1.0)
+    stream = TextQAStream(tok, data, qa_seed=0, seed=0, transcripts=[])
+    batch = collate([stream.example(random.Random(k)) for k in range(3)], tok.pad_token_id)
+    assert (batch["input_ids"] == GAP_ID).any()
+    module = TextLLM(cfg, tok)
+    loss, _ = module._loss(batch)
+    loss.backward()
+    assert torch.isfinite(loss) and module.llm.get_input_embeddings().weight.grad.abs().sum() > 0
+    # a gap reads a zero vector, not some token's embedding
+    with torch.no_grad():
+        as_token = module._loss(
+            {**batch, "input_ids": batch["input_ids"].masked_fill(batch["input_ids"] == GAP_ID, 5)}
+        )[0]
+        embeds = module.llm.get_input_embeddings()(batch["input_ids"].clamp(min=0))
+        embeds[batch["input_ids"] == GAP_ID] = 0.0
+        logits = module.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits[:, :-1]
+        by_hand = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX
+        )
+    assert torch.allclose(loss, by_hand, atol=1e-5) and (loss - as_token).abs() > 1e-6
+
+
 def test_user_turn_loss_off_trains_on_assistant_turns_only():
     import random
 
