@@ -233,7 +233,7 @@ def test_streaming_prefill_equals_the_teacher_forced_sequence(speech_args, mini_
 def test_lexical_adapter_starts_from_the_stage1_ctc_head(speech_args):
     from modules.speech_llm import unit_lexicon
 
-    lexical = [*speech_args, "adapter.lexical=true"]
+    lexical = [*speech_args, "adapter.lexical=true", "ctc.units=bpe"]  # word pieces: mean embeddings
     train.main(["stage=input_1_ctc", *lexical])
     head = read_checkpoint(run_dir(load_config(["stage=input_1_ctc", *lexical])) / "model.pt")["state_dict"]
     cfg2 = load_config(["stage=input_2_align", *lexical])
