@@ -1,0 +1,223 @@
+"""Speech codec building blocks: 40 Hz single-codebook tokens at 24 kHz (the paper's TiCodec variant).
+
+  encoder   waveform [B, 1, S] -> strided convs 3·5·5·8 = 600 -> [B, 512, S / 600] (40 Hz)
+  quantizer one codebook of 1024 x 512 (EMA updates, data-initialised, dead codes restarted)
+  global    a 128-d voice vector from 8 groups of 1024 x 16 codes (the "global tokens")
+  generator HiFi-GAN-style: conv_pre -> 4 transposed-conv upsamplers 8·5·5·3 (512 -> 32 channels),
+            each followed by a multi-receptive-field block (residual blocks of kernels 3, 7, 11,
+            averaged) -> conv_post -> tanh; the voice vector is added where the channels are 128.
+
+Paper sizes (reference section 5): generator 15,369,857 parameters (this one: 15,368,833), codebooks
+655,360 entries. Codebooks are parameters that the optimizer never sees (`requires_grad=False`):
+exponential moving averages of the vectors assigned to each code update them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn import functional as F
+
+
+@dataclass
+class CodecConfig:
+    sample_rate: int = 24000
+    dim: int = 512  # code vectors, encoder output and generator input width
+    encoder_strides: list[int] = field(default_factory=lambda: [3, 5, 5, 8])  # product 600: 40 Hz at 24 kHz
+    encoder_channels: int = 32  # first encoder width; doubles at each stride up to `dim`
+    upsample_rates: list[int] = field(default_factory=lambda: [8, 5, 5, 3])
+    upsample_kernels: list[int] = field(default_factory=lambda: [16, 11, 11, 5])
+    resblock_kernels: list[int] = field(default_factory=lambda: [3, 7, 11])
+    resblock_dilations: list[int] = field(default_factory=lambda: [1, 3, 5])
+    codebook_size: int = 1024
+    global_dim: int = 128  # voice vector; added in the generator where the channels equal it
+    global_groups: int = 8
+    global_codebook_size: int = 1024
+    ema_decay: float = 0.99
+    dead_code_threshold: float = 0.5  # EMA assignments per batch below which a code restarts
+    commitment_weight: float = 0.25
+
+
+def hop_length(cfg: CodecConfig) -> int:
+    """Samples per token (600 at the paper's 24 kHz and 40 Hz)."""
+    return math.prod(cfg.encoder_strides)
+
+
+# --- vector quantization ------------------------------------------------------------------------
+class VectorQuantizer(nn.Module):
+    """One codebook [K, D] updated by exponential moving averages (no gradient).
+
+    The first training batch initialises the codebook from its own vectors; a code whose EMA
+    assignment count falls below `dead_code_threshold` is restarted at a random vector of the
+    current batch. Statistics are summed over processes when torch.distributed is initialised.
+    """
+
+    def __init__(self, size: int, dim: int, decay: float = 0.99, dead_code_threshold: float = 0.5):
+        super().__init__()
+        self.size, self.dim, self.decay, self.dead_code_threshold = size, dim, decay, dead_code_threshold
+        self.codebook = nn.Parameter(torch.randn(size, dim) / math.sqrt(dim), requires_grad=False)
+        self.register_buffer("ema_count", torch.ones(size))
+        self.register_buffer("ema_sum", self.codebook.detach().clone())
+        self.register_buffer("initialized", torch.tensor(False))
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Nearest code per row of x [N, D] -> [N]."""
+        book = self.codebook.float()
+        dist2 = x.float().pow(2).sum(1, keepdim=True) - 2 * x.float() @ book.T + book.pow(2).sum(1)[None]
+        return dist2.argmin(1)
+
+    def embed(self, codes: torch.Tensor) -> torch.Tensor:
+        return F.embedding(codes, self.codebook)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, D] -> (quantized with straight-through gradient [N, D], codes [N], commitment loss)."""
+        if self.training and not bool(self.initialized):
+            self._init_from(x.detach())
+        codes = self.codes(x.detach())
+        q = self.embed(codes).to(x.dtype)
+        if self.training:
+            self._ema_update(x.detach().float(), codes)
+        commitment = F.mse_loss(x, q.detach())
+        return x + (q - x).detach(), codes, commitment
+
+    @torch.no_grad()
+    def _init_from(self, x: torch.Tensor) -> None:
+        picks = _sample_rows(x.float(), self.size)
+        _broadcast(picks)
+        self.codebook.copy_(picks)
+        self.ema_sum.copy_(picks)
+        self.ema_count.fill_(1.0)
+        self.initialized.fill_(True)
+
+    @torch.no_grad()
+    def _ema_update(self, x: torch.Tensor, codes: torch.Tensor) -> None:
+        onehot = F.one_hot(codes, self.size).float()  # [N, K]
+        count, total = onehot.sum(0), onehot.T @ x
+        _all_reduce(count, total)
+        self.ema_count.mul_(self.decay).add_(count, alpha=1 - self.decay)
+        self.ema_sum.mul_(self.decay).add_(total, alpha=1 - self.decay)
+        n = self.ema_count.sum()
+        smoothed = (self.ema_count + 1e-5) / (n + self.size * 1e-5) * n  # Laplace smoothing
+        self.codebook.copy_(self.ema_sum / smoothed[:, None])
+        dead = self.ema_count < self.dead_code_threshold
+        if dead.any():
+            fresh = _sample_rows(x, int(dead.sum()))
+            _broadcast(fresh)
+            self.codebook[dead] = fresh
+            self.ema_sum[dead] = fresh
+            self.ema_count[dead] = 1.0
+
+
+def _sample_rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    """k rows of x, without replacement when there are enough (with small noise when repeated)."""
+    if len(x) >= k:
+        return x[torch.randperm(len(x), device=x.device)[:k]].clone()
+    rows = x[torch.randint(len(x), (k,), device=x.device)]
+    return rows + 1e-3 * rows.std() * torch.randn_like(rows)
+
+
+def _all_reduce(*tensors: torch.Tensor) -> None:
+    if dist.is_available() and dist.is_initialized():
+        for t in tensors:
+            dist.all_reduce(t)
+
+
+def _broadcast(t: torch.Tensor) -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast(t, src=0)
+
+
+def codebook_usage(codes: torch.Tensor, size: int) -> dict[str, float]:
+    """Perplexity of the code distribution and the share of codes used at least once."""
+    probs = torch.bincount(codes.flatten(), minlength=size).float()
+    probs = probs / probs.sum().clamp(min=1)
+    entropy = -(probs * probs.clamp(min=1e-12).log()).sum()
+    return {"perplexity": float(entropy.exp()), "used": float((probs > 0).float().mean())}
+
+
+class GlobalQuantizer(nn.Module):
+    """The voice vector [B, 128] as 8 groups of 16 dims, each from its own codebook of 1024."""
+
+    def __init__(self, cfg: CodecConfig):
+        super().__init__()
+        if cfg.global_dim % cfg.global_groups:
+            raise ValueError(
+                f"codec.global_dim {cfg.global_dim} is not a multiple of global_groups {cfg.global_groups}"
+            )
+        width = cfg.global_dim // cfg.global_groups
+        self.groups = nn.ModuleList(
+            VectorQuantizer(cfg.global_codebook_size, width, cfg.ema_decay, cfg.dead_code_threshold)
+            for _ in range(cfg.global_groups)
+        )
+
+    def forward(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """v [B, 128] -> (quantized [B, 128], global tokens [B, 8], commitment loss)."""
+        parts = v.chunk(len(self.groups), dim=-1)
+        outs = [vq(p) for vq, p in zip(self.groups, parts)]
+        return (
+            torch.cat([q for q, _, _ in outs], -1),
+            torch.stack([c for _, c, _ in outs], -1),
+            torch.stack([loss for _, _, loss in outs]).mean(),
+        )
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Global tokens [B, 8] -> voice vector [B, 128]."""
+        return torch.cat([vq.embed(tokens[..., i]) for i, vq in enumerate(self.groups)], -1)
+
+
+# --- generator ----------------------------------------------------------------------------------
+class ResBlock(nn.Module):
+    """Residual pairs: a dilated conv then a plain one, each after a leaky ReLU (HiFi-GAN's type 1)."""
+
+    def __init__(self, channels: int, kernel: int, dilations: list[int]):
+        super().__init__()
+        self.dilated = nn.ModuleList(
+            nn.Conv1d(channels, channels, kernel, dilation=d, padding=d * (kernel - 1) // 2) for d in dilations
+        )
+        self.plain = nn.ModuleList(nn.Conv1d(channels, channels, kernel, padding=(kernel - 1) // 2) for _ in dilations)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for a, b in zip(self.dilated, self.plain):
+            x = x + b(F.leaky_relu(a(F.leaky_relu(x, 0.1)), 0.1))
+        return x
+
+
+class Generator(nn.Module):
+    """Code vectors [B, 512, T] (+ voice vector [B, 128]) -> waveform [B, 1, 600 T] in [-1, 1]."""
+
+    def __init__(self, cfg: CodecConfig):
+        super().__init__()
+        if len(cfg.upsample_rates) != len(cfg.upsample_kernels):
+            raise ValueError("codec.upsample_rates and upsample_kernels differ in length")
+        if math.prod(cfg.upsample_rates) != hop_length(cfg):
+            raise ValueError(
+                f"codec.upsample_rates multiply to {math.prod(cfg.upsample_rates)}, "
+                f"the encoder strides to {hop_length(cfg)}: they must agree"
+            )
+        self.conv_pre = nn.Conv1d(cfg.dim, cfg.dim, 7, padding=3)
+        self.ups, self.mrfs = nn.ModuleList(), nn.ModuleList()
+        ch, self.global_stage = cfg.dim, -1
+        for i, (rate, kernel) in enumerate(zip(cfg.upsample_rates, cfg.upsample_kernels)):
+            if (kernel - rate) % 2:
+                raise ValueError(f"codec upsampler {i}: kernel {kernel} - rate {rate} must be even")
+            self.ups.append(nn.ConvTranspose1d(ch, ch // 2, kernel, stride=rate, padding=(kernel - rate) // 2))
+            ch //= 2
+            self.mrfs.append(nn.ModuleList(ResBlock(ch, k, cfg.resblock_dilations) for k in cfg.resblock_kernels))
+            if ch == cfg.global_dim:
+                self.global_stage = i
+        if self.global_stage < 0:
+            raise ValueError(f"no generator stage has codec.global_dim = {cfg.global_dim} channels")
+        self.conv_post = nn.Conv1d(ch, 1, 7, padding=3)
+
+    def forward(self, x: torch.Tensor, voice: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.conv_pre(x)
+        for i, (up, mrf) in enumerate(zip(self.ups, self.mrfs)):
+            x = up(F.leaky_relu(x, 0.1))
+            if i == self.global_stage and voice is not None:
+                x = x + voice[:, :, None]
+            x = sum(block(x) for block in mrf) / len(mrf)
+        return torch.tanh(self.conv_post(F.leaky_relu(x, 0.01)))

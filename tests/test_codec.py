@@ -1,0 +1,81 @@
+"""Codec building blocks: paper sizes, generator shapes and conditioning, EMA vector quantization."""
+
+import pytest
+import torch
+
+from modules.codec import CodecConfig, Generator, GlobalQuantizer, VectorQuantizer, codebook_usage, hop_length
+
+SMALL = CodecConfig(dim=32, global_dim=8, global_groups=2, upsample_kernels=[16, 11, 11, 5], resblock_kernels=[3, 5])
+
+
+def test_paper_sizes_match_the_reference():
+    cfg = CodecConfig()
+    assert hop_length(cfg) == 600 and cfg.sample_rate // hop_length(cfg) == 40
+    with torch.device("meta"):
+        generator = Generator(cfg)
+        books = [VectorQuantizer(cfg.codebook_size, cfg.dim), GlobalQuantizer(cfg)]
+    n = sum(p.numel() for p in generator.parameters())
+    assert abs(n - 15_369_857) / 15_369_857 < 0.01, n
+    assert sum(p.numel() for q in books for p in q.parameters()) == 655_360  # 1024 x 512 + 8 x 1024 x 16
+    assert generator.global_stage == 1  # 512 -> 256 -> 128: after the second upsampler
+
+
+def test_generator_gives_600_samples_per_token_and_uses_the_voice_vector():
+    torch.manual_seed(0)
+    gen = Generator(SMALL).eval()
+    x = torch.randn(2, SMALL.dim, 7)
+    voice = torch.randn(2, SMALL.global_dim)
+    with torch.no_grad():
+        y = gen(x, voice)
+        other = gen(x, torch.randn(2, SMALL.global_dim))
+    assert y.shape == (2, 1, 7 * 600) and y.abs().max() <= 1
+    assert not torch.allclose(y, other)  # the voice changes the sound
+    with pytest.raises(ValueError, match="must agree"):
+        Generator(CodecConfig(upsample_rates=[8, 5, 5, 4], upsample_kernels=[16, 11, 11, 8]))
+
+
+def test_quantizer_starts_from_data_passes_gradients_and_follows_its_codes():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(16, 4, decay=0.0).train()
+    x = torch.randn(64, 4, requires_grad=True)
+    q, _, loss = vq(x)
+    assert bool(vq.initialized)
+    (q.sum() + loss).backward()
+    # straight through: d(sum q)/dx = 1, plus the commitment term's pull towards the codes
+    assert torch.allclose(x.grad, 1 + 2 * (x - q).detach() / x.numel(), atol=1e-6)
+    # decay 0: every code used by this batch moves to the mean of its vectors
+    x2 = torch.randn(64, 4)
+    _, codes2, _ = vq(x2)
+    for k in codes2.unique():
+        assert torch.allclose(vq.codebook[k], x2[codes2 == k].mean(0), atol=1e-4)
+    # eval mode leaves the codebook alone
+    before = vq.codebook.clone()
+    vq.eval()(torch.randn(64, 4))
+    assert torch.equal(before, vq.codebook)
+
+
+def test_dead_codes_restart_where_the_data_is():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(32, 2, decay=0.5, dead_code_threshold=0.5).train()
+    vq(torch.randn(256, 2) * 10)  # initialised over a wide region
+    for _ in range(12):  # the data then lives in a small square far away
+        vq(torch.rand(256, 2) + 50.0)
+    assert (vq.codebook > 49.9).all() and (vq.codebook < 51.1).all()
+    _, codes, _ = vq.eval()(torch.rand(2048, 2) + 50.0)
+    assert codebook_usage(codes, 32)["used"] > 0.8
+
+
+def test_codebook_usage_reports_perplexity_and_share_used():
+    uniform = codebook_usage(torch.arange(8).repeat(10), 16)
+    assert uniform["perplexity"] == pytest.approx(8.0, rel=1e-5) and uniform["used"] == 0.5
+    assert codebook_usage(torch.zeros(100, dtype=torch.long), 16)["perplexity"] == pytest.approx(1.0)
+
+
+def test_global_tokens_round_trip_to_the_voice_vector():
+    torch.manual_seed(0)
+    gq = GlobalQuantizer(SMALL).train()
+    v = torch.randn(40, SMALL.global_dim)
+    gq(v)  # initialise from data (and update: codes move after the lookup in training mode)
+    q, tokens, _ = gq.eval()(v)
+    assert tokens.shape == (40, SMALL.global_groups) and tokens.max() < SMALL.global_codebook_size
+    assert torch.allclose(gq.embed(tokens), q.detach(), atol=1e-6)
