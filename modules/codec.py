@@ -14,6 +14,7 @@ exponential moving averages of the vectors assigned to each code update them.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -221,3 +222,177 @@ class Generator(nn.Module):
                 x = x + voice[:, :, None]
             x = sum(block(x) for block in mrf) / len(mrf)
         return torch.tanh(self.conv_post(F.leaky_relu(x, 0.01)))
+
+
+# --- encoder ------------------------------------------------------------------------------------
+class Downsample(nn.Module):
+    """Strided conv (kernel 2 x stride) padded so that S samples give exactly S / stride frames."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.stride, kernel = stride, 2 * stride
+        self.pad = (kernel - stride) // 2, kernel - stride - (kernel - stride) // 2
+        self.conv = nn.Conv1d(cin, cout, kernel, stride=stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(F.leaky_relu(x, 0.1), self.pad))
+
+
+class Encoder(nn.Module):
+    """Waveform [B, 1, S] -> local vectors [B, 512, S / 600] and the voice feature [B, 128].
+
+    Mirror of the generator: conv_pre, then per stride residual blocks (+ GroupNorm) and a
+    strided conv that doubles the channels; the voice feature is read where the channels equal
+    `global_dim` (1,600 Hz at the paper's sizes): two convs, a mean over time, Linear, leaky
+    ReLU, BatchNorm.
+    """
+
+    def __init__(self, cfg: CodecConfig):
+        super().__init__()
+        ch = cfg.encoder_channels
+        self.conv_pre = nn.Conv1d(1, ch, 7, padding=3)
+        self.blocks, self.norms, self.downs = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        self.global_stage = -1
+        for i, stride in enumerate(cfg.encoder_strides):
+            self.blocks.append(nn.ModuleList(ResBlock(ch, k, cfg.resblock_dilations) for k in cfg.resblock_kernels))
+            self.norms.append(nn.GroupNorm(1, ch))
+            out = cfg.dim if i == len(cfg.encoder_strides) - 1 else min(2 * ch, cfg.dim)
+            self.downs.append(Downsample(ch, out, stride))
+            ch = out
+            if ch == cfg.global_dim and self.global_stage < 0:
+                self.global_stage = i
+        if self.global_stage < 0:
+            raise ValueError(f"no encoder stage has codec.global_dim = {cfg.global_dim} channels")
+        self.conv_post = nn.Conv1d(cfg.dim, cfg.dim, 3, padding=1)
+        g = cfg.global_dim
+        self.global_convs = nn.Sequential(
+            nn.Conv1d(g, g // 2, 3, padding=1), nn.LeakyReLU(0.1), nn.Conv1d(g // 2, g, 3, padding=1)
+        )
+        self.global_out = nn.Sequential(nn.Linear(g, g), nn.LeakyReLU(0.1), nn.BatchNorm1d(g))
+
+    def forward(self, wav: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, voice = self.conv_pre(wav), None
+        for i, (mrf, norm, down) in enumerate(zip(self.blocks, self.norms, self.downs)):
+            x = norm(sum(block(x) for block in mrf) / len(mrf))
+            x = down(x)
+            if i == self.global_stage:
+                voice = self.global_out(self.global_convs(x).mean(-1))
+        return self.conv_post(F.leaky_relu(x, 0.1)), voice
+
+
+# --- discriminators and losses ------------------------------------------------------------------
+class PeriodDiscriminator(nn.Module):
+    """Waveform folded into [T / p, p] columns, 2-D convs along time (HiFi-GAN's MPD member)."""
+
+    def __init__(self, period: int, widths: tuple[int, ...] = (32, 128, 512, 1024)):
+        super().__init__()
+        self.period = period
+        chans = (1, *widths)
+        self.convs = nn.ModuleList(
+            nn.Conv2d(a, b, (5, 1), stride=(3, 1), padding=(2, 0)) for a, b in itertools.pairwise(chans)
+        )
+        self.convs.append(nn.Conv2d(widths[-1], widths[-1], (5, 1), padding=(2, 0)))
+        self.post = nn.Conv2d(widths[-1], 1, (3, 1), padding=(1, 0))
+
+    def forward(self, wav: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        b, c, t = wav.shape
+        if t % self.period:
+            wav = F.pad(wav, (0, self.period - t % self.period), mode="reflect")
+        x, feats = wav.view(b, c, -1, self.period), []
+        for conv in self.convs:
+            x = F.leaky_relu(conv(x), 0.1)
+            feats.append(x)
+        x = self.post(x)
+        feats.append(x)
+        return x.flatten(1), feats
+
+
+class ScaleDiscriminator(nn.Module):
+    """Grouped strided 1-D convs over the waveform (HiFi-GAN's MSD member)."""
+
+    def __init__(self, width: int = 128):
+        super().__init__()
+        w = width
+        specs = [(1, w, 15, 1, 1), (w, w, 41, 2, 4), (w, 2 * w, 41, 2, 16), (2 * w, 4 * w, 41, 4, 16),
+                 (4 * w, 8 * w, 41, 4, 16), (8 * w, 8 * w, 41, 1, 16), (8 * w, 8 * w, 5, 1, 1)]  # fmt: skip
+        self.convs = nn.ModuleList(nn.Conv1d(a, b, k, s, padding=k // 2, groups=g) for a, b, k, s, g in specs)
+        self.post = nn.Conv1d(8 * w, 1, 3, padding=1)
+
+    def forward(self, wav: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        x, feats = wav, []
+        for conv in self.convs:
+            x = F.leaky_relu(conv(x), 0.1)
+            feats.append(x)
+        x = self.post(x)
+        feats.append(x)
+        return x.flatten(1), feats
+
+
+class Discriminators(nn.Module):
+    """MPD (periods 2, 3, 5, 7, 11) + MSD (the waveform, then pooled by 2 and by 4)."""
+
+    def __init__(self, periods: tuple[int, ...] = (2, 3, 5, 7, 11), scales: int = 3, scale_width: int = 128):
+        super().__init__()
+        self.members = nn.ModuleList(
+            [*(PeriodDiscriminator(p) for p in periods), *(ScaleDiscriminator(scale_width) for _ in range(scales))]
+        )
+        self.num_periods = len(periods)
+
+    def forward(self, wav: torch.Tensor) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+        outs, pooled = [], wav
+        for i, member in enumerate(self.members):
+            if i > self.num_periods:  # each later scale sees the waveform pooled once more
+                pooled = F.avg_pool1d(pooled, 4, 2, padding=2)
+            outs.append(member(pooled if i >= self.num_periods else wav))
+        return outs
+
+
+def discriminator_loss(real: list, fake: list) -> torch.Tensor:
+    """Least-squares GAN: real scores towards 1, generated ones towards 0."""
+    return sum(((1 - r) ** 2).mean() + (f**2).mean() for (r, _), (f, _) in zip(real, fake))
+
+
+def generator_adversarial_loss(fake: list) -> torch.Tensor:
+    return sum(((1 - f) ** 2).mean() for f, _ in fake)
+
+
+def feature_matching_loss(real: list, fake: list) -> torch.Tensor:
+    """L1 between the discriminators' inner activations on real and generated audio."""
+    return sum(F.l1_loss(fr, rr.detach()) for (_, rf), (_, ff) in zip(real, fake) for rr, fr in zip(rf, ff))
+
+
+def mel_filterbank(
+    sample_rate: int, n_fft: int, n_mels: int, fmin: float = 0.0, fmax: float | None = None
+) -> torch.Tensor:
+    """[n_mels, n_fft // 2 + 1] triangular filters on the HTK mel scale, each normalised to unit area."""
+    fmax = fmax or sample_rate / 2
+
+    def mel(f: torch.Tensor) -> torch.Tensor:
+        return 2595.0 * torch.log10(1.0 + f / 700.0)
+
+    edges_mel = torch.linspace(float(mel(torch.tensor(fmin))), float(mel(torch.tensor(fmax))), n_mels + 2)
+    edges = 700.0 * (10 ** (edges_mel / 2595.0) - 1.0)
+    freqs = torch.linspace(0, sample_rate / 2, n_fft // 2 + 1)
+    lo, mid, hi = edges[:-2, None], edges[1:-1, None], edges[2:, None]
+    up = (freqs[None] - lo) / (mid - lo)
+    down = (hi - freqs[None]) / (hi - mid)
+    bank = torch.clamp(torch.minimum(up, down), min=0.0)
+    return bank * (2.0 / (hi - lo))
+
+
+class LogMel(nn.Module):
+    """Log mel spectrogram for the reconstruction loss (paper: 80 mels, n_fft 1024, hop 240, fmax 8 kHz)."""
+
+    def __init__(
+        self, sample_rate: int = 24000, n_fft: int = 1024, hop: int = 240, n_mels: int = 80, fmax: float = 8000
+    ):
+        super().__init__()
+        self.n_fft, self.hop = n_fft, hop
+        self.register_buffer("bank", mel_filterbank(sample_rate, n_fft, n_mels, 0.0, fmax), persistent=False)
+        self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
+
+    def forward(self, wav: torch.Tensor) -> torch.Tensor:
+        """[B, 1, S] or [B, S] -> [B, n_mels, frames]."""
+        spec = torch.stft(wav.reshape(-1, wav.shape[-1]).float(), self.n_fft, self.hop, window=self.window,
+                          center=True, return_complex=True).abs()  # fmt: skip
+        return torch.log(torch.clamp(self.bank @ spec, min=1e-5))

@@ -5,7 +5,9 @@ import torch
 
 from modules.codec import CodecConfig, Generator, GlobalQuantizer, VectorQuantizer, codebook_usage, hop_length
 
-SMALL = CodecConfig(dim=32, global_dim=8, global_groups=2, upsample_kernels=[16, 11, 11, 5], resblock_kernels=[3, 5])
+SMALL = CodecConfig(
+    dim=32, encoder_channels=4, global_dim=8, global_groups=2, upsample_kernels=[16, 11, 11, 5], resblock_kernels=[3, 5]
+)
 
 
 def test_paper_sizes_match_the_reference():
@@ -79,3 +81,45 @@ def test_global_tokens_round_trip_to_the_voice_vector():
     q, tokens, _ = gq.eval()(v)
     assert tokens.shape == (40, SMALL.global_groups) and tokens.max() < SMALL.global_codebook_size
     assert torch.allclose(gq.embed(tokens), q.detach(), atol=1e-6)
+
+
+def test_encoder_gives_one_vector_per_600_samples_and_a_voice_feature():
+    from modules.codec import Encoder
+
+    torch.manual_seed(0)
+    enc = Encoder(SMALL).eval()
+    with torch.no_grad():
+        local, voice = enc(torch.randn(3, 1, 600 * 5))
+    assert local.shape == (3, SMALL.dim, 5) and voice.shape == (3, SMALL.global_dim)
+    with pytest.raises(ValueError, match="global_dim = 7 channels"):
+        Encoder(CodecConfig(global_dim=7))
+
+
+def test_discriminators_and_gan_losses():
+    from modules.codec import Discriminators, discriminator_loss, feature_matching_loss, generator_adversarial_loss
+
+    torch.manual_seed(0)
+    disc = Discriminators(scale_width=16)
+    wav = torch.randn(2, 1, 4800).tanh()
+    outs = disc(wav)
+    assert len(outs) == 8 and all(score.shape[0] == 2 and len(feats) >= 5 for score, feats in outs)
+    # least squares: perfect scores give zero loss; the same audio gives zero feature-matching loss
+    ones = [(torch.ones_like(s), f) for s, f in outs]
+    zeros = [(torch.zeros_like(s), f) for s, f in outs]
+    assert float(discriminator_loss(ones, zeros)) == 0.0 and float(generator_adversarial_loss(ones)) == 0.0
+    assert float(feature_matching_loss(outs, outs).detach()) == 0.0
+    assert float(feature_matching_loss(outs, disc(wav * 0.5)).detach()) > 0
+
+
+def test_log_mel_puts_a_tone_in_its_band():
+    from modules.codec import LogMel, mel_filterbank
+
+    bank = mel_filterbank(24000, 1024, 80, 0.0, 8000)
+    assert bank.shape == (80, 513) and (bank >= 0).all()
+    assert (bank.argmax(1).diff() >= 0).all()  # filters rise in frequency
+    mel = LogMel()
+    t = torch.arange(24000) / 24000
+    spec = mel(torch.sin(2 * torch.pi * 1000 * t)[None, None])
+    assert spec.shape == (1, 80, 101)
+    peak = int(spec[0, :, 50].argmax())
+    assert bank[peak, round(1000 / (12000 / 512))] > 0  # the loudest band holds 1 kHz
