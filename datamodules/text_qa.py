@@ -32,7 +32,7 @@ from datamodules.qa import DAYS, MONTHS, build_qa_splits, sample_dialogue
 from modules.llm import chat_messages
 
 IGNORE_INDEX = -100
-# A "gap" position in a spread user turn (see `spread_user_turns`): the LLM reads a zero input
+# A "gap" position in a spread user turn (see `SpreadSpec`, `encode_chat`): the LLM reads a zero input
 # vector there, as it does where the lexical adapter hears no word (a CTC blank).
 GAP_ID = -1
 REPEAT_PROMPTS = ["Repeat after me: {s}", "Please say this back to me: {s}", "Say exactly this: {s}"]
@@ -106,7 +106,7 @@ def encode_chat(
 
     A turn's span (its content and closing <|im_end|>) is found in the rendered text (prefix
     renders are stable for ChatML) and mapped to tokens through the character offsets. With
-    `spread`, the user turns' content tokens are spread over gap positions (`spread_tokens`).
+    `spread`, the user turns' content tokens are spread over gap positions (`SpreadSpec`).
     """
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     spans: list[tuple[int, int]] = []

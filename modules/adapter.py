@@ -8,11 +8,12 @@ cache); its outputs equal the offline ones. With the paper's sizes (1024 -> 2048
 Qwen2-7B) it has 17,835,520 parameters.
 
 Lexical path (`lexical: true`, off in the paper's configs). The stage-1 CTC head, carried
-over into the adapter, turns every encoder frame into a distribution over its word pieces;
-each piece has a fixed vector, the mean of the frozen LLM's input embeddings of its text
-(the `lexicon`), so a frame's distribution gives the embedding of the word it hears. Output t
-adds the sum of these over the `stride` newest frames of its window (a CTC spike lands in one
-frame, so a word shows up once) to the conv path, whose last Linear starts near zero. Training
+over into the adapter, turns every encoder frame into a distribution over its units; each
+unit has a fixed vector (the `lexicon`): the frozen LLM's input embedding of that token when
+the units are LLM tokens (`ctc.units=llm`), else the mean of the embeddings of its text, so
+a frame's distribution gives the embedding of the word it hears. Output t adds the sum of
+these over the `stride` newest frames of its window (a CTC spike lands in one frame, so a
+word shows up once) to the conv path, whose last Linear starts near zero. Training
 starts from speech that already reads like the words, which a small frozen LLM needs: it
 cannot learn to read arbitrary vectors from a few hours of speech (README: Speech input).
 """

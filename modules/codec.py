@@ -281,6 +281,19 @@ class Encoder(nn.Module):
 
 
 # --- discriminators and losses ------------------------------------------------------------------
+def _scores_and_features(
+    x: torch.Tensor, convs: nn.ModuleList, post: nn.Module
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A discriminator's conv stack: (flattened scores, every layer's activations for feature matching)."""
+    feats = []
+    for conv in convs:
+        x = F.leaky_relu(conv(x), 0.1)
+        feats.append(x)
+    x = post(x)
+    feats.append(x)
+    return x.flatten(1), feats
+
+
 class PeriodDiscriminator(nn.Module):
     """Waveform folded into [T / p, p] columns, 2-D convs along time (HiFi-GAN's MPD member)."""
 
@@ -298,13 +311,7 @@ class PeriodDiscriminator(nn.Module):
         b, c, t = wav.shape
         if t % self.period:
             wav = F.pad(wav, (0, self.period - t % self.period), mode="reflect")
-        x, feats = wav.view(b, c, -1, self.period), []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), 0.1)
-            feats.append(x)
-        x = self.post(x)
-        feats.append(x)
-        return x.flatten(1), feats
+        return _scores_and_features(wav.view(b, c, -1, self.period), self.convs, self.post)
 
 
 class ScaleDiscriminator(nn.Module):
@@ -319,13 +326,7 @@ class ScaleDiscriminator(nn.Module):
         self.post = nn.Conv1d(8 * w, 1, 3, padding=1)
 
     def forward(self, wav: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        x, feats = wav, []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), 0.1)
-            feats.append(x)
-        x = self.post(x)
-        feats.append(x)
-        return x.flatten(1), feats
+        return _scores_and_features(wav, self.convs, self.post)
 
 
 class Discriminators(nn.Module):

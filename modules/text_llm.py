@@ -52,8 +52,8 @@ class TextLLM(StageModule):
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         ids = batch["input_ids"]
-        if (ids == GAP_ID).any():  # spread user turns: gap positions read a zero vector
-            gap = ids == GAP_ID
+        gap = ids == GAP_ID
+        if gap.any():  # spread user turns: gap positions read a zero vector
             embeds = self.llm.get_input_embeddings()(ids.masked_fill(gap, 0)).masked_fill(gap[..., None], 0.0)
             out = self.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"])
         else:
