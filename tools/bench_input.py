@@ -33,9 +33,11 @@ from datamodules.features import StreamingFbank, fbank
 from datamodules.shards import iter_decoded
 from modules.adapter import SpeechAdapter
 from modules.config import eval_dir, load_config
+from modules.ctc import units_from_json
 from modules.encoder import SpeechEncoder
 from modules.llm import load_llm, qwen2_config
 from modules.speech_llm import CHUNK_SAMPLES
+from modules.training import read_stage_output
 
 
 def test_audio(cfg, seconds: float) -> np.ndarray:
@@ -85,6 +87,16 @@ def stream_once(wav, n_chunks, encoder, adapter, llm) -> tuple[list[float], list
     return t_fbank, t_enc, t_llm
 
 
+def lexical_units(cfg) -> int:
+    """CTC units of the adapter's lexical path: the stage-1 output's when there is one, else the BPE bound."""
+    if not cfg.adapter.lexical:
+        return 0
+    try:
+        return len(units_from_json(read_stage_output(cfg, "input_1_ctc").get("ctc_units")))
+    except FileNotFoundError:
+        return cfg.ctc.bpe_vocab_size + 1
+
+
 @torch.inference_mode()
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -100,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     encoder = SpeechEncoder(OmegaConf.to_object(cfg.encoder)).eval()
     llm, llm_kind = build_llm(cfg)
     width = llm.get_input_embeddings().weight.shape[1]
-    units = cfg.ctc.bpe_vocab_size + 1 if cfg.adapter.lexical else 0  # at most this many CTC units: an upper bound
+    units = lexical_units(cfg)
     adapter = SpeechAdapter(OmegaConf.to_object(cfg.adapter), encoder.output_dim, width, units).eval()
     wav = test_audio(cfg, args.seconds)
     n_chunks = len(wav) // CHUNK_SAMPLES
@@ -134,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "stream_seconds": round(n_chunks * 0.16, 2),
         "llm": llm_kind,
+        "lexical_units": units,
         "encoder_params": sum(q.numel() for q in encoder.parameters()),
         "encoder_adapter_ms_per_chunk_at_1s": round(enc_early, 3),
         "encoder_adapter_ms_per_chunk_at_60s": round(enc_late, 3),
@@ -149,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         "input_path_rtf": round(rtf, 4),
     }
     print(
-        f"streaming input path ({args.experiment}, {args.threads} threads, {result['stream_seconds']} s of audio, LLM: {llm_kind})"
+        f"streaming input path ({args.experiment}, {args.threads} threads, {result['stream_seconds']} s of audio, LLM: {llm_kind}, lexical units: {units})"
     )
     print("| measurement | value | target |")
     print("|---|---|---|")
