@@ -22,6 +22,7 @@ STAGES = {
     "input_1_ctc": "modules.ctc",
     "input_2_align": "modules.speech_llm",
     "input_3_prompt": "modules.speech_llm",
+    "output_1_codec": "modules.codec",
 }
 
 

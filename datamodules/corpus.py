@@ -2,8 +2,9 @@
 
 Layout under `root` (made by `python -m tools.prepare_corpus`):
     audio/{asr,qa}/<split>/*.flac         source-rate audio (22.05 kHz eSpeak NG)
-    manifests/{asr,qa}_<split>.jsonl      one line per utterance / dialogue
-    shards/{asr,qa}/<split>/*.tar + index.json   WebDataset shards written from the manifests
+    audio/tts/<split>/*.flac              the assistant voice at the codec's 24 kHz
+    manifests/{asr,qa,tts}_<split>.jsonl  one line per utterance / dialogue
+    shards/{asr,qa,tts}/<split>/*.tar + index.json   WebDataset shards written from the manifests
     cmvn.json                             global CMVN of the ASR training fbank
     corpus_stats.json                     utterances, hours and voices per split
 """
@@ -17,9 +18,9 @@ from datamodules.qa import DEFAULT_SPLIT_SIZES
 
 # Bump when the corpus content changes for the same seed (templates, answers, voices), so
 # `tools.prepare_corpus` rebuilds corpora made by older code.
-CORPUS_VERSION = 7
+CORPUS_VERSION = 8  # 8: the TTS split (assistant voice, 24 kHz)
 SPLITS = ("train", "dev", "test")
-KINDS = ("asr", "qa")
+KINDS = ("asr", "qa", "tts")
 
 
 @dataclass
@@ -29,6 +30,7 @@ class CorpusConfig:
     # stage and evaluation reads held-out membership from this seed.
     seed: int = 1234
     n_asr: int = 3000  # ASR utterances over all splits
+    n_tts: int = 1500  # TTS sentences over all splits (the QA answers come on top)
     qa_dialogues: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_SPLIT_SIZES))
     workers: int = 2
     shard_max_mb: int = 64

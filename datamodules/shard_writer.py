@@ -351,3 +351,65 @@ def _merge_index(out_dir: Path, prefix: str, shards: list[dict], part: dict) -> 
         "kinds": sorted({x for p in parts.values() for x in p.get("kinds", [])}),
         "parts": parts,
     }
+
+
+def rewrite_shards(
+    src: Iterable[dict],
+    out_dir: str | os.PathLike,
+    prefix: str,
+    transform,
+    *,
+    total: int | None = None,
+    progress: bool = True,
+    desc: str = "",
+) -> dict:
+    """Write raw WebDataset samples ``src`` (``{"__key__", "json", "flac", ...}``) into new shards
+    ``<out_dir>/<prefix>-NNNNNN.tar``, each passed through ``transform(sample) -> sample | None``
+    (``None`` drops it and counts it as ``skipped.transform``); e.g. adding codec tokens.
+
+    Transactional like :func:`write_shards` (staging directory, then commit) and writes the
+    same ``index.json`` (hours from each sample's JSON ``duration``).
+    """
+    out_dir = Path(out_dir)
+    if not prefix or "/" in prefix or "." in prefix:
+        raise ValueError(f"shard prefix must be a non-empty name without '/' or '.', got {prefix!r}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stray_temporaries(out_dir, prefix)
+    stage = _staging_dir(out_dir, prefix)
+    stage.mkdir()
+    sink = _ShardSink(stage, prefix, DEFAULT_MAX_SHARD_BYTES, DEFAULT_MAX_SHARD_SAMPLES)
+    speakers: set[str] = set()
+    languages: set[str] = set()
+    skipped: Counter = Counter()
+    try:
+        for raw in tqdm(src, total=total, unit="utt", desc=desc or f"shards {prefix}", disable=not progress):
+            sample = transform(raw)
+            if sample is None:
+                skipped["transform"] += 1
+                continue
+            meta = json.loads(sample["json"])
+            sink.write({k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")},
+                       float(meta.get("duration") or 0.0))  # fmt: skip
+            if meta.get("speaker") is not None:
+                speakers.add(str(meta["speaker"]))
+            if meta.get("language") is not None:
+                languages.add(str(meta["language"]))
+        shards = sink.close()
+        part = {
+            "num_samples": sum(sh["num_samples"] for sh in shards),
+            "hours": sum(sh["hours"] for sh in shards),
+            "speaker_ids": sorted(speakers),
+            "languages": sorted(languages),
+            "kinds": ["tts"],
+            "skipped": dict(skipped),
+        }
+        index = _merge_index(out_dir, prefix, shards, part)
+        staged_index = stage / INDEX_NAME
+        staged_index.write_text(json.dumps(index, indent=1, ensure_ascii=False) + "\n")
+        _commit(out_dir, stage, prefix, [sh["path"] for sh in shards], staged_index)
+    except BaseException:
+        sink.abort()
+        raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return index

@@ -172,8 +172,10 @@ class SkipCounter:
 # ================================================================================================
 
 
-def _decode_audio_entry(data: bytes, name: str, meta: dict, duration_tolerance: float) -> tuple[np.ndarray, float]:
-    """Decode one stored audio member to 16 kHz; returns ``(wav [N] float32, seconds)``."""
+def _decode_audio_entry(
+    data: bytes, name: str, meta: dict, duration_tolerance: float, rate: int = INPUT_SAMPLE_RATE
+) -> tuple[np.ndarray, float]:
+    """Decode one stored audio member to ``rate`` (16 kHz); returns ``(wav [N] float32, seconds)``."""
     try:
         wav, sr = load_audio(data)
     except TruncatedAudioError as exn:
@@ -189,7 +191,7 @@ def _decode_audio_entry(data: bytes, name: str, meta: dict, duration_tolerance: 
             raise SkipSample(SKIP_BAD_JSON, f"{name}: duration {expected!r} is not a number") from exn
         if not math.isfinite(expected) or abs(seconds - expected) > duration_tolerance * max(expected, 1e-3):
             raise SkipSample(SKIP_DURATION_MISMATCH, f"{name}: metadata says {expected} s, audio has {seconds:.3f} s")
-    return resample(wav, sr, INPUT_SAMPLE_RATE), seconds
+    return resample(wav, sr, rate), seconds
 
 
 def _raw_meta(raw: dict) -> dict:
@@ -321,11 +323,13 @@ def sample_frames(sample: Sample) -> int:
     return sum(int(unit["feats"].shape[0]) for unit in _units(sample))
 
 
-def check_frames(sample: Sample, *, max_frames_per_batch: int) -> Sample:
-    """Reject samples with no frames or more frames than a whole batch may hold."""
-    if any(int(unit["feats"].shape[0]) == 0 for unit in _units(sample)):
+def check_frames(
+    sample: Sample, *, max_frames_per_batch: int, length_fn: Callable[[Sample], int] = sample_frames
+) -> Sample:
+    """Reject samples with no frames or more frames (``length_fn``) than a whole batch may hold."""
+    if length_fn is sample_frames and any(int(unit["feats"].shape[0]) == 0 for unit in _units(sample)):
         raise SkipSample(SKIP_TOO_SHORT, "audio shorter than one 25 ms frame")
-    frames = sample_frames(sample)
+    frames = length_fn(sample)
     if frames > max_frames_per_batch:
         raise SkipSample(SKIP_TOO_MANY_FRAMES, f"{frames} frames > max_frames_per_batch={max_frames_per_batch}")
     return sample
@@ -641,7 +645,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.last_counter = counter
         reader_seed = _mix_seed(self.seed, epoch, rank, worker)
         sample_stages = list(self.stages_factory(np.random.default_rng(reader_seed)))
-        check = partial(check_frames, max_frames_per_batch=self.max_frames_per_batch)
+        check = partial(check_frames, max_frames_per_batch=self.max_frames_per_batch, length_fn=self.length_fn)
         batch_stage = partial(
             _batch_stream,
             collate=self.collate,

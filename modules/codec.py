@@ -1,399 +1,314 @@
-"""Speech codec building blocks: 40 Hz single-codebook tokens at 24 kHz (the paper's TiCodec variant).
+"""Stage `output_1_codec`: the speech codec (encoder, 40 Hz codebook, voice tokens, generator).
 
-  encoder   waveform [B, 1, S] -> strided convs 3·5·5·8 = 600 -> [B, 512, S / 600] (40 Hz)
-  quantizer one codebook of 1024 x 512 (EMA updates, data-initialised, dead codes restarted)
-  global    a 128-d voice vector from 8 groups of 1024 x 16 codes (the "global tokens")
-  generator HiFi-GAN-style: conv_pre -> 4 transposed-conv upsamplers 8·5·5·3 (512 -> 32 channels),
-            each followed by a multi-receptive-field block (residual blocks of kernels 3, 7, 11,
-            averaged) -> conv_post -> tanh; the voice vector is added where the channels are 128.
+The codec turns 24 kHz speech into one token per 25 ms (1024 codes) plus 8 global "voice"
+tokens, and back. It trains as a GAN (manual optimisation): per batch, the MPD + MSD
+discriminators take one least-squares step on real vs reconstructed crops (from
+`codec.adversarial_start` on), then the encoder + generator take one step on
 
-Paper sizes (reference section 5): generator 15,369,857 parameters (this one: 15,368,833), codebooks
-655,360 entries. Codebooks are parameters that the optimizer never sees (`requires_grad=False`):
-exponential moving averages of the vectors assigned to each code update them.
+    mel_weight * L1(log-mel) + commitment_weight * VQ commitment
+    [+ adversarial_weight * LSGAN + feature_weight * feature matching]
+
+The codebooks follow exponential moving averages (no optimiser). `trainer.max_steps` counts
+generator steps. Validation reconstructs whole dev utterances and reports the log-mel distance,
+SI-SNR and codebook use; TensorBoard gets audio and spectrograms of one of them.
+
+The blocks live in `modules.codec_layers`; `tools.write_codec_tokens` writes the tokens of the
+TTS shards for the speech decoder; `python infer.py eval_codec` is the report on the test split.
 """
 
 from __future__ import annotations
 
-import itertools
+import logging
 import math
-from dataclasses import dataclass, field
 
+import numpy as np
 import torch
-import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn import functional as F
 
+from datamodules.tts import TTSDataModule
+from modules.codec_layers import (
+    CodecConfig,
+    Discriminators,
+    Encoder,
+    Generator,
+    GlobalQuantizer,
+    LogMel,
+    VectorQuantizer,
+    codebook_usage,
+    discriminator_loss,
+    feature_matching_loss,
+    generator_adversarial_loss,
+    hop_length,
+)
+from modules.tb import log_audio, log_spectrograms
+from modules.training import (
+    StageModule,
+    fit,
+    load_saved_weights,
+    make_optimizer,
+    read_stage_output,
+    save_stage_output,
+    write_metrics,
+)
 
-@dataclass
-class CodecConfig:
-    sample_rate: int = 24000
-    dim: int = 512  # code vectors, encoder output and generator input width
-    encoder_strides: list[int] = field(default_factory=lambda: [3, 5, 5, 8])  # product 600: 40 Hz at 24 kHz
-    encoder_channels: int = 32  # first encoder width; doubles at each stride up to `dim`
-    upsample_rates: list[int] = field(default_factory=lambda: [8, 5, 5, 3])
-    upsample_kernels: list[int] = field(default_factory=lambda: [16, 11, 11, 5])
-    resblock_kernels: list[int] = field(default_factory=lambda: [3, 7, 11])
-    resblock_dilations: list[int] = field(default_factory=lambda: [1, 3, 5])
-    codebook_size: int = 1024
-    global_dim: int = 128  # voice vector; added in the generator where the channels equal it
-    global_groups: int = 8
-    global_codebook_size: int = 1024
-    ema_decay: float = 0.99
-    dead_code_threshold: float = 0.5  # EMA assignments per batch below which a code restarts
-    commitment_weight: float = 0.25
+log = logging.getLogger(__name__)
+STAGE = "output_1_codec"
 
 
-def hop_length(cfg: CodecConfig) -> int:
-    """Samples per token (600 at the paper's 24 kHz and 40 Hz)."""
-    return math.prod(cfg.encoder_strides)
+def codec_config(cfg: DictConfig) -> CodecConfig:
+    return OmegaConf.to_object(cfg.codec)
 
 
-# --- vector quantization ------------------------------------------------------------------------
-class VectorQuantizer(nn.Module):
-    """One codebook [K, D] updated by exponential moving averages (no gradient).
+def si_snr(estimate: torch.Tensor, reference: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Scale-invariant signal-to-noise ratio (dB) of 1-D signals (or the last axis)."""
+    estimate = estimate - estimate.mean(-1, keepdim=True)
+    reference = reference - reference.mean(-1, keepdim=True)
+    scale = (estimate * reference).sum(-1, keepdim=True) / (reference.pow(2).sum(-1, keepdim=True) + eps)
+    target = scale * reference
+    noise = estimate - target
+    return 10 * torch.log10(target.pow(2).sum(-1) / (noise.pow(2).sum(-1) + eps) + eps)
 
-    The first training batch initialises the codebook from its own vectors; a code whose EMA
-    assignment count falls below `dead_code_threshold` is restarted at a random vector of the
-    current batch. Statistics are summed over processes when torch.distributed is initialised.
-    """
 
-    def __init__(self, size: int, dim: int, decay: float = 0.99, dead_code_threshold: float = 0.5):
-        super().__init__()
-        self.size, self.dim, self.decay, self.dead_code_threshold = size, dim, decay, dead_code_threshold
-        self.codebook = nn.Parameter(torch.randn(size, dim) / math.sqrt(dim), requires_grad=False)
-        self.register_buffer("ema_count", torch.ones(size))
-        self.register_buffer("ema_sum", self.codebook.detach().clone())
-        self.register_buffer("initialized", torch.tensor(False))
+class Codec(StageModule):
+    """The codec component: `encode` (audio -> tokens), `decode` (tokens -> audio), GAN training."""
 
-    def codes(self, x: torch.Tensor) -> torch.Tensor:
-        """Nearest code per row of x [N, D] -> [N]."""
-        book = self.codebook.float()
-        dist2 = x.float().pow(2).sum(1, keepdim=True) - 2 * x.float() @ book.T + book.pow(2).sum(1)[None]
-        return dist2.argmin(1)
+    def __init__(self, cfg: DictConfig):
+        super().__init__(cfg)
+        self.automatic_optimization = False
+        c = self.codec_cfg = codec_config(cfg)
+        self.hop = hop_length(c)
+        self.encoder = Encoder(c)
+        self.quantizer = VectorQuantizer(c.codebook_size, c.dim, c.ema_decay, c.dead_code_threshold)
+        self.global_quantizer = GlobalQuantizer(c)
+        self.generator = Generator(c)
+        self.discriminators = Discriminators(
+            tuple(c.disc_periods), c.disc_scales, c.disc_scale_width, tuple(c.disc_period_widths)
+        )
+        self.mel = LogMel(c.sample_rate)
 
-    def embed(self, codes: torch.Tensor) -> torch.Tensor:
-        return F.embedding(codes, self.codebook)
+    def components(self) -> dict[str, nn.Module]:
+        return {
+            "encoder": self.encoder,
+            "quantizer": self.quantizer,
+            "global_quantizer": self.global_quantizer,
+            "generator": self.generator,
+            "discriminators": self.discriminators,
+        }
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [N, D] -> (quantized with straight-through gradient [N, D], codes [N], commitment loss)."""
-        if self.training and not bool(self.initialized):
-            self._init_from(x.detach())
-        codes = self.codes(x.detach())
-        q = self.embed(codes).to(x.dtype)
-        if self.training:
-            self._ema_update(x.detach().float(), codes)
-        commitment = F.mse_loss(x, q.detach())
-        return x + (q - x).detach(), codes, commitment
+    # --- the codec ------------------------------------------------------------------------------
+    def _pad(self, wav: torch.Tensor) -> torch.Tensor:
+        """[B, 1, S] zero-padded to a whole number of tokens."""
+        extra = (-wav.shape[-1]) % self.hop
+        return F.pad(wav, (0, extra)) if extra else wav
+
+    def reconstruct(self, wav: torch.Tensor) -> dict[str, torch.Tensor]:
+        """wav [B, 1, S] -> {"wav" [B, 1, S'] (S' = S rounded up to tokens), "codes" [B, T],
+        "global_tokens" [B, G], "commitment"}."""
+        local, voice = self.encoder(self._pad(wav))
+        b, d, t = local.shape
+        q, codes, commit = self.quantizer(local.transpose(1, 2).reshape(-1, d))
+        gq, gtokens, gcommit = self.global_quantizer(voice)
+        y = self.generator(q.view(b, t, d).transpose(1, 2), gq)
+        return {"wav": y, "codes": codes.view(b, t), "global_tokens": gtokens, "commitment": commit + gcommit}
 
     @torch.no_grad()
-    def _init_from(self, x: torch.Tensor) -> None:
-        picks = _sample_rows(x.float(), self.size)
-        _broadcast(picks)
-        self.codebook.copy_(picks)
-        self.ema_sum.copy_(picks)
-        self.ema_count.fill_(1.0)
-        self.initialized.fill_(True)
+    def encode(self, wav: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """wav [B, 1, S] at the codec rate -> (codes [B, ceil(S / hop)], global tokens [B, G])."""
+        local, voice = self.encoder(self._pad(wav))
+        b, d, t = local.shape
+        codes = self.quantizer.codes(local.transpose(1, 2).reshape(-1, d)).view(b, t)
+        gtokens = torch.stack([vq.codes(p) for vq, p in zip(self.global_quantizer.groups, voice.chunk(
+            len(self.global_quantizer.groups), -1))], -1)  # fmt: skip
+        return codes, gtokens
 
     @torch.no_grad()
-    def _ema_update(self, x: torch.Tensor, codes: torch.Tensor) -> None:
-        onehot = F.one_hot(codes, self.size).float()  # [N, K]
-        count, total = onehot.sum(0), onehot.T @ x
-        _all_reduce(count, total)
-        self.ema_count.mul_(self.decay).add_(count, alpha=1 - self.decay)
-        self.ema_sum.mul_(self.decay).add_(total, alpha=1 - self.decay)
-        n = self.ema_count.sum()
-        smoothed = (self.ema_count + 1e-5) / (n + self.size * 1e-5) * n  # Laplace smoothing
-        self.codebook.copy_(self.ema_sum / smoothed[:, None])
-        dead = self.ema_count < self.dead_code_threshold
-        if dead.any():
-            fresh = _sample_rows(x, int(dead.sum()))
-            _broadcast(fresh)
-            self.codebook[dead] = fresh
-            self.ema_sum[dead] = fresh
-            self.ema_count[dead] = 1.0
+    def voice_vector_tokens(self, voices: torch.Tensor) -> torch.Tensor:
+        """Global tokens [G] of the mean of several utterances' voice features [N, global_dim]."""
+        mean = voices.mean(0, keepdim=True)
+        parts = mean.chunk(len(self.global_quantizer.groups), -1)
+        return torch.stack([vq.codes(p) for vq, p in zip(self.global_quantizer.groups, parts)], -1)[0]
 
-
-def _sample_rows(x: torch.Tensor, k: int) -> torch.Tensor:
-    """k rows of x, without replacement when there are enough (with small noise when repeated)."""
-    if len(x) >= k:
-        return x[torch.randperm(len(x), device=x.device)[:k]].clone()
-    rows = x[torch.randint(len(x), (k,), device=x.device)]
-    return rows + 1e-3 * rows.std() * torch.randn_like(rows)
-
-
-def _all_reduce(*tensors: torch.Tensor) -> None:
-    if dist.is_available() and dist.is_initialized():
-        for t in tensors:
-            dist.all_reduce(t)
-
-
-def _broadcast(t: torch.Tensor) -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.broadcast(t, src=0)
-
-
-def codebook_usage(codes: torch.Tensor, size: int) -> dict[str, float]:
-    """Perplexity of the code distribution and the share of codes used at least once."""
-    probs = torch.bincount(codes.flatten(), minlength=size).float()
-    probs = probs / probs.sum().clamp(min=1)
-    entropy = -(probs * probs.clamp(min=1e-12).log()).sum()
-    return {"perplexity": float(entropy.exp()), "used": float((probs > 0).float().mean())}
-
-
-class GlobalQuantizer(nn.Module):
-    """The voice vector [B, 128] as 8 groups of 16 dims, each from its own codebook of 1024."""
-
-    def __init__(self, cfg: CodecConfig):
-        super().__init__()
-        if cfg.global_dim % cfg.global_groups:
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor, global_tokens: torch.Tensor) -> torch.Tensor:
+        """codes [B, T] (0..K-1) and global tokens [B, G] (or [G]) -> wav [B, 1, hop * T] in [-1, 1]."""
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codec_cfg.codebook_size):
             raise ValueError(
-                f"codec.global_dim {cfg.global_dim} is not a multiple of global_groups {cfg.global_groups}"
+                f"codec tokens must lie in 0..{self.codec_cfg.codebook_size - 1}; got {int(codes.min())}..{int(codes.max())}"
             )
-        width = cfg.global_dim // cfg.global_groups
-        self.groups = nn.ModuleList(
-            VectorQuantizer(cfg.global_codebook_size, width, cfg.ema_decay, cfg.dead_code_threshold)
-            for _ in range(cfg.global_groups)
+        if global_tokens.dim() == 1:
+            global_tokens = global_tokens[None].expand(len(codes), -1)
+        x = self.quantizer.embed(codes).transpose(1, 2)
+        return self.generator(x, self.global_quantizer.embed(global_tokens))
+
+    # --- training -------------------------------------------------------------------------------
+    def _generator_params(self) -> list[nn.Parameter]:
+        return [p for m in (self.encoder, self.generator) for p in m.parameters() if p.requires_grad]
+
+    def adversarial(self) -> bool:
+        return self.global_step >= self.codec_cfg.adversarial_start and self.discriminators.training
+
+    def discriminator_objective(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """Least-squares loss of the discriminators on real x vs generated y (detached); also
+        returns their outputs on x, reused (detached) for the generator's feature matching."""
+        real = self.discriminators(x)
+        return discriminator_loss(real, self.discriminators(y.detach())), real
+
+    def generator_objective(
+        self, x: torch.Tensor, out: dict[str, torch.Tensor], real: list | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The encoder + generator objective (module docstring); adversarial terms when `real` is given."""
+        c = self.codec_cfg
+        y = out["wav"]
+        loss_mel = F.l1_loss(self.mel(y), self.mel(x))
+        loss = c.mel_weight * loss_mel + c.commitment_weight * out["commitment"]
+        logs = {"train/mel": loss_mel.detach(), "train/commitment": out["commitment"].detach()}
+        if real is not None:
+            fake = self.discriminators(y)
+            real_feats = [(s.detach(), [f.detach() for f in feats]) for s, feats in real]
+            loss_adv = generator_adversarial_loss(fake)
+            loss_fm = feature_matching_loss(real_feats, fake)
+            loss = loss + c.adversarial_weight * loss_adv + c.feature_weight * loss_fm
+            logs.update({"train/adversarial": loss_adv.detach(), "train/feature_matching": loss_fm.detach()})
+        return loss, logs
+
+    def training_step(self, batch, batch_idx):
+        opt_g, opt_d = self.optimizers()
+        sched_g, sched_d = self.lr_schedulers()
+        clip = self.cfg.trainer.gradient_clip_val or None
+        x = self._pad(batch["wav"])
+        out = self.reconstruct(x)
+        real, logs = None, {}
+        if self.adversarial():
+            loss_d, real = self.discriminator_objective(x, out["wav"])
+            opt_d.zero_grad()
+            self.manual_backward(loss_d)
+            self.clip_gradients(opt_d, gradient_clip_val=clip)
+            # The raw optimizer: stepping the Lightning wrapper would count a second global step.
+            opt_d.optimizer.step()
+            sched_d.step()
+            logs["train/disc"] = loss_d.detach()
+        loss, more = self.generator_objective(x, out, real)
+        opt_g.zero_grad()
+        self.manual_backward(loss)
+        self.clip_gradients(opt_g, gradient_clip_val=clip)
+        opt_g.step()
+        sched_g.step()
+        usage = codebook_usage(out["codes"], self.codec_cfg.codebook_size)
+        self.log_dict({**logs, **more, "train/loss": loss.detach(), "train/code_perplexity": usage["perplexity"]})
+        self.log("mel", more["train/mel"], prog_bar=True, logger=False)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_codes: list[torch.Tensor] = []
+
+    def validation_step(self, batch, batch_idx):
+        m = measure_batch(self, batch)
+        self._val_codes.append(m.pop("codes"))
+        n = len(batch["lens"])
+        self.log("val/mel_distance", m["mel_distance"], batch_size=n)
+        self.log("val/si_snr", m["si_snr"], batch_size=n)
+        self.log("val/loss", m["mel_distance"], batch_size=n, prog_bar=True)
+        if batch_idx == 0 and self.trainer.is_global_zero and self.logger is not None:
+            n0 = int(batch["lens"][0])
+            writer, rate, step = self.logger.experiment, self.codec_cfg.sample_rate, self.global_step
+            log_audio(writer, "audio/original", batch["wav"][0, 0, :n0], rate, step)
+            log_audio(writer, "audio/reconstructed", m["wav"][0, 0, :n0], rate, step)
+            log_spectrograms(writer, "spectrogram/original_vs_reconstructed", {
+                "original": self.mel(batch["wav"][0, 0, :n0])[0], "reconstructed": self.mel(m["wav"][0, 0, :n0])[0],
+            }, step)  # fmt: skip
+
+    def on_validation_epoch_end(self) -> None:
+        if self._val_codes:
+            usage = codebook_usage(torch.cat(self._val_codes), self.codec_cfg.codebook_size)
+            self.log("val/code_perplexity", usage["perplexity"])
+            self.log("val/codes_used", usage["used"])
+
+    def configure_optimizers(self):
+        steps = self.cfg.trainer.max_steps
+        g = make_optimizer(nn.ModuleList([self.encoder, self.generator]), self.cfg.optim, steps)
+        d = make_optimizer(self.discriminators, self.cfg.optim, steps)
+        return [g["optimizer"], d["optimizer"]], [g["lr_scheduler"]["scheduler"], d["lr_scheduler"]["scheduler"]]
+
+
+@torch.no_grad()
+def measure_batch(codec: Codec, batch: dict) -> dict:
+    """Reconstruct a padded batch of whole utterances: mean log-mel L1 and SI-SNR over the valid
+    parts, the codes of the valid frames, and the reconstructions."""
+    was_training = codec.training
+    codec.eval()
+    out = codec.reconstruct(batch["wav"])
+    codec.train(was_training)
+    mels, snrs, codes = [], [], []
+    for i, n in enumerate(batch["lens"].tolist()):
+        x, y = batch["wav"][i, 0, :n], out["wav"][i, 0, :n]
+        mels.append(F.l1_loss(codec.mel(y), codec.mel(x)))
+        snrs.append(si_snr(y, x))
+        codes.append(out["codes"][i, : math.ceil(n / codec.hop)])
+    return {
+        "mel_distance": torch.stack(mels).mean(),
+        "si_snr": torch.stack(snrs).mean(),
+        "codes": torch.cat(codes),
+        "wav": out["wav"],
+    }
+
+
+def tts_data_config(cfg: DictConfig):
+    return OmegaConf.to_object(cfg.data.tts)
+
+
+def check_rates(cfg: DictConfig) -> None:
+    c = codec_config(cfg)
+    if cfg.data.tts.sample_rate != c.sample_rate:
+        raise ValueError(
+            f"data.tts.sample_rate {cfg.data.tts.sample_rate} differs from codec.sample_rate {c.sample_rate}: "
+            "the codec trains on audio at its own rate (the loader resamples to data.tts.sample_rate)"
         )
 
-    def forward(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """v [B, 128] -> (quantized [B, 128], global tokens [B, 8], commitment loss)."""
-        parts = v.chunk(len(self.groups), dim=-1)
-        outs = [vq(p) for vq, p in zip(self.groups, parts)]
-        return (
-            torch.cat([q for q, _, _ in outs], -1),
-            torch.stack([c for _, c, _ in outs], -1),
-            torch.stack([loss for _, _, loss in outs]).mean(),
-        )
 
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Global tokens [B, 8] -> voice vector [B, 128]."""
-        return torch.cat([vq.embed(tokens[..., i]) for i, vq in enumerate(self.groups)], -1)
-
-
-# --- generator ----------------------------------------------------------------------------------
-class ResBlock(nn.Module):
-    """Residual pairs: a dilated conv then a plain one, each after a leaky ReLU (HiFi-GAN's type 1)."""
-
-    def __init__(self, channels: int, kernel: int, dilations: list[int]):
-        super().__init__()
-        self.dilated = nn.ModuleList(
-            nn.Conv1d(channels, channels, kernel, dilation=d, padding=d * (kernel - 1) // 2) for d in dilations
-        )
-        self.plain = nn.ModuleList(nn.Conv1d(channels, channels, kernel, padding=(kernel - 1) // 2) for _ in dilations)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for a, b in zip(self.dilated, self.plain):
-            x = x + b(F.leaky_relu(a(F.leaky_relu(x, 0.1)), 0.1))
-        return x
+def run(cfg: DictConfig) -> dict:
+    check_rates(cfg)
+    module = Codec(cfg)
+    counts = module.apply_freezing(list(cfg.stage.trainable))
+    trainer = fit(cfg, module, TTSDataModule(tts_data_config(cfg), "audio"))
+    metrics = {"component_params": counts, "train_steps": trainer.global_step}
+    if trainer.global_rank == 0:
+        save_stage_output(cfg, module)
+        metrics.update({f"dev_{k}": v for k, v in evaluate_codec(cfg, module, "dev").items() if k != "examples"})
+        write_metrics(cfg, metrics)
+    return metrics
 
 
-class Generator(nn.Module):
-    """Code vectors [B, 512, T] (+ voice vector [B, 128]) -> waveform [B, 1, 600 T] in [-1, 1]."""
-
-    def __init__(self, cfg: CodecConfig):
-        super().__init__()
-        if len(cfg.upsample_rates) != len(cfg.upsample_kernels):
-            raise ValueError("codec.upsample_rates and upsample_kernels differ in length")
-        if math.prod(cfg.upsample_rates) != hop_length(cfg):
-            raise ValueError(
-                f"codec.upsample_rates multiply to {math.prod(cfg.upsample_rates)}, "
-                f"the encoder strides to {hop_length(cfg)}: they must agree"
-            )
-        self.conv_pre = nn.Conv1d(cfg.dim, cfg.dim, 7, padding=3)
-        self.ups, self.mrfs = nn.ModuleList(), nn.ModuleList()
-        ch, self.global_stage = cfg.dim, -1
-        for i, (rate, kernel) in enumerate(zip(cfg.upsample_rates, cfg.upsample_kernels)):
-            if (kernel - rate) % 2:
-                raise ValueError(f"codec upsampler {i}: kernel {kernel} - rate {rate} must be even")
-            self.ups.append(nn.ConvTranspose1d(ch, ch // 2, kernel, stride=rate, padding=(kernel - rate) // 2))
-            ch //= 2
-            self.mrfs.append(nn.ModuleList(ResBlock(ch, k, cfg.resblock_dilations) for k in cfg.resblock_kernels))
-            if ch == cfg.global_dim:
-                self.global_stage = i
-        if self.global_stage < 0:
-            raise ValueError(f"no generator stage has codec.global_dim = {cfg.global_dim} channels")
-        self.conv_post = nn.Conv1d(ch, 1, 7, padding=3)
-
-    def forward(self, x: torch.Tensor, voice: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.conv_pre(x)
-        for i, (up, mrf) in enumerate(zip(self.ups, self.mrfs)):
-            x = up(F.leaky_relu(x, 0.1))
-            if i == self.global_stage and voice is not None:
-                x = x + voice[:, :, None]
-            x = sum(block(x) for block in mrf) / len(mrf)
-        return torch.tanh(self.conv_post(F.leaky_relu(x, 0.01)))
+def load_codec(cfg: DictConfig, stage: str = STAGE) -> Codec:
+    """The trained codec of `cfg`'s experiment, in eval mode."""
+    saved = read_stage_output(cfg, stage)
+    module = Codec(cfg)
+    load_saved_weights(cfg, module, stage, saved)
+    return module.eval()
 
 
-# --- encoder ------------------------------------------------------------------------------------
-class Downsample(nn.Module):
-    """Strided conv (kernel 2 x stride) padded so that S samples give exactly S / stride frames."""
-
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.stride, kernel = stride, 2 * stride
-        self.pad = (kernel - stride) // 2, kernel - stride - (kernel - stride) // 2
-        self.conv = nn.Conv1d(cin, cout, kernel, stride=stride)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(F.leaky_relu(x, 0.1), self.pad))
-
-
-class Encoder(nn.Module):
-    """Waveform [B, 1, S] -> local vectors [B, 512, S / 600] and the voice feature [B, 128].
-
-    Mirror of the generator: conv_pre, then per stride residual blocks (+ GroupNorm) and a
-    strided conv that doubles the channels; the voice feature is read where the channels equal
-    `global_dim` (1,600 Hz at the paper's sizes): two convs, a mean over time, Linear, leaky
-    ReLU, BatchNorm.
-    """
-
-    def __init__(self, cfg: CodecConfig):
-        super().__init__()
-        ch = cfg.encoder_channels
-        self.conv_pre = nn.Conv1d(1, ch, 7, padding=3)
-        self.blocks, self.norms, self.downs = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
-        self.global_stage = -1
-        for i, stride in enumerate(cfg.encoder_strides):
-            self.blocks.append(nn.ModuleList(ResBlock(ch, k, cfg.resblock_dilations) for k in cfg.resblock_kernels))
-            self.norms.append(nn.GroupNorm(1, ch))
-            out = cfg.dim if i == len(cfg.encoder_strides) - 1 else min(2 * ch, cfg.dim)
-            self.downs.append(Downsample(ch, out, stride))
-            ch = out
-            if ch == cfg.global_dim and self.global_stage < 0:
-                self.global_stage = i
-        if self.global_stage < 0:
-            raise ValueError(f"no encoder stage has codec.global_dim = {cfg.global_dim} channels")
-        self.conv_post = nn.Conv1d(cfg.dim, cfg.dim, 3, padding=1)
-        g = cfg.global_dim
-        self.global_convs = nn.Sequential(
-            nn.Conv1d(g, g // 2, 3, padding=1), nn.LeakyReLU(0.1), nn.Conv1d(g // 2, g, 3, padding=1)
-        )
-        self.global_out = nn.Sequential(nn.Linear(g, g), nn.LeakyReLU(0.1), nn.BatchNorm1d(g))
-
-    def forward(self, wav: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x, voice = self.conv_pre(wav), None
-        for i, (mrf, norm, down) in enumerate(zip(self.blocks, self.norms, self.downs)):
-            x = norm(sum(block(x) for block in mrf) / len(mrf))
-            x = down(x)
-            if i == self.global_stage:
-                voice = self.global_out(self.global_convs(x).mean(-1))
-        return self.conv_post(F.leaky_relu(x, 0.1)), voice
-
-
-# --- discriminators and losses ------------------------------------------------------------------
-def _scores_and_features(
-    x: torch.Tensor, convs: nn.ModuleList, post: nn.Module
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """A discriminator's conv stack: (flattened scores, every layer's activations for feature matching)."""
-    feats = []
-    for conv in convs:
-        x = F.leaky_relu(conv(x), 0.1)
-        feats.append(x)
-    x = post(x)
-    feats.append(x)
-    return x.flatten(1), feats
-
-
-class PeriodDiscriminator(nn.Module):
-    """Waveform folded into [T / p, p] columns, 2-D convs along time (HiFi-GAN's MPD member)."""
-
-    def __init__(self, period: int, widths: tuple[int, ...] = (32, 128, 512, 1024)):
-        super().__init__()
-        self.period = period
-        chans = (1, *widths)
-        self.convs = nn.ModuleList(
-            nn.Conv2d(a, b, (5, 1), stride=(3, 1), padding=(2, 0)) for a, b in itertools.pairwise(chans)
-        )
-        self.convs.append(nn.Conv2d(widths[-1], widths[-1], (5, 1), padding=(2, 0)))
-        self.post = nn.Conv2d(widths[-1], 1, (3, 1), padding=(1, 0))
-
-    def forward(self, wav: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        b, c, t = wav.shape
-        if t % self.period:
-            wav = F.pad(wav, (0, self.period - t % self.period), mode="reflect")
-        return _scores_and_features(wav.view(b, c, -1, self.period), self.convs, self.post)
-
-
-class ScaleDiscriminator(nn.Module):
-    """Grouped strided 1-D convs over the waveform (HiFi-GAN's MSD member)."""
-
-    def __init__(self, width: int = 128):
-        super().__init__()
-        w = width
-        specs = [(1, w, 15, 1, 1), (w, w, 41, 2, 4), (w, 2 * w, 41, 2, 16), (2 * w, 4 * w, 41, 4, 16),
-                 (4 * w, 8 * w, 41, 4, 16), (8 * w, 8 * w, 41, 1, 16), (8 * w, 8 * w, 5, 1, 1)]  # fmt: skip
-        self.convs = nn.ModuleList(nn.Conv1d(a, b, k, s, padding=k // 2, groups=g) for a, b, k, s, g in specs)
-        self.post = nn.Conv1d(8 * w, 1, 3, padding=1)
-
-    def forward(self, wav: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        return _scores_and_features(wav, self.convs, self.post)
-
-
-class Discriminators(nn.Module):
-    """MPD (periods 2, 3, 5, 7, 11) + MSD (the waveform, then pooled by 2 and by 4)."""
-
-    def __init__(self, periods: tuple[int, ...] = (2, 3, 5, 7, 11), scales: int = 3, scale_width: int = 128):
-        super().__init__()
-        self.members = nn.ModuleList(
-            [*(PeriodDiscriminator(p) for p in periods), *(ScaleDiscriminator(scale_width) for _ in range(scales))]
-        )
-        self.num_periods = len(periods)
-
-    def forward(self, wav: torch.Tensor) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
-        outs, pooled = [], wav
-        for i, member in enumerate(self.members):
-            if i > self.num_periods:  # each later scale sees the waveform pooled once more
-                pooled = F.avg_pool1d(pooled, 4, 2, padding=2)
-            outs.append(member(pooled if i >= self.num_periods else wav))
-        return outs
-
-
-def discriminator_loss(real: list, fake: list) -> torch.Tensor:
-    """Least-squares GAN: real scores towards 1, generated ones towards 0."""
-    return sum(((1 - r) ** 2).mean() + (f**2).mean() for (r, _), (f, _) in zip(real, fake))
-
-
-def generator_adversarial_loss(fake: list) -> torch.Tensor:
-    return sum(((1 - f) ** 2).mean() for f, _ in fake)
-
-
-def feature_matching_loss(real: list, fake: list) -> torch.Tensor:
-    """L1 between the discriminators' inner activations on real and generated audio."""
-    return sum(F.l1_loss(fr, rr.detach()) for (_, rf), (_, ff) in zip(real, fake) for rr, fr in zip(rf, ff))
-
-
-def mel_filterbank(
-    sample_rate: int, n_fft: int, n_mels: int, fmin: float = 0.0, fmax: float | None = None
-) -> torch.Tensor:
-    """[n_mels, n_fft // 2 + 1] triangular filters on the HTK mel scale, each normalised to unit area."""
-    fmax = fmax or sample_rate / 2
-
-    def mel(f: torch.Tensor) -> torch.Tensor:
-        return 2595.0 * torch.log10(1.0 + f / 700.0)
-
-    edges_mel = torch.linspace(float(mel(torch.tensor(fmin))), float(mel(torch.tensor(fmax))), n_mels + 2)
-    edges = 700.0 * (10 ** (edges_mel / 2595.0) - 1.0)
-    freqs = torch.linspace(0, sample_rate / 2, n_fft // 2 + 1)
-    lo, mid, hi = edges[:-2, None], edges[1:-1, None], edges[2:, None]
-    up = (freqs[None] - lo) / (mid - lo)
-    down = (hi - freqs[None]) / (hi - mid)
-    bank = torch.clamp(torch.minimum(up, down), min=0.0)
-    return bank * (2.0 / (hi - lo))
-
-
-class LogMel(nn.Module):
-    """Log mel spectrogram for the reconstruction loss (paper: 80 mels, n_fft 1024, hop 240, fmax 8 kHz)."""
-
-    def __init__(
-        self, sample_rate: int = 24000, n_fft: int = 1024, hop: int = 240, n_mels: int = 80, fmax: float = 8000
-    ):
-        super().__init__()
-        self.n_fft, self.hop = n_fft, hop
-        self.register_buffer("bank", mel_filterbank(sample_rate, n_fft, n_mels, 0.0, fmax), persistent=False)
-        self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
-
-    def forward(self, wav: torch.Tensor) -> torch.Tensor:
-        """[B, 1, S] or [B, S] -> [B, n_mels, frames]."""
-        spec = torch.stft(wav.reshape(-1, wav.shape[-1]).float(), self.n_fft, self.hop, window=self.window,
-                          center=True, return_complex=True).abs()  # fmt: skip
-        return torch.log(torch.clamp(self.bank @ spec, min=1e-5))
+@torch.no_grad()
+def evaluate_codec(cfg: DictConfig, codec: Codec, split: str, limit: int = 0) -> dict:
+    """Reconstruction measures over a TTS split: log-mel distance, SI-SNR, code perplexity / share used."""
+    loader = TTSDataModule(tts_data_config(cfg), "audio").make_loader(split)
+    mels, snrs, codes, weights, n = [], [], [], [], 0
+    for batch in loader:
+        m = measure_batch(codec, batch)
+        k = len(batch["lens"])
+        mels.append(float(m["mel_distance"]) * k)
+        snrs.append(float(m["si_snr"]) * k)
+        codes.append(m["codes"])
+        weights.append(k)
+        n += k
+        if limit and n >= limit:
+            break
+    usage = codebook_usage(torch.cat(codes), codec.codec_cfg.codebook_size)
+    return {
+        "utterances": n,
+        "mel_distance": sum(mels) / n,
+        "si_snr_db": sum(snrs) / n,
+        "code_perplexity": usage["perplexity"],
+        "codes_used": usage["used"],
+        "bits_per_second": np.log2(codec.codec_cfg.codebook_size) * codec.codec_cfg.sample_rate / codec.hop,
+    }

@@ -30,7 +30,9 @@ from datamodules.asr import ASRDataConfig
 from datamodules.corpus import CorpusConfig
 from datamodules.spoken_qa import SpokenQADataConfig
 from datamodules.text_qa import TextQADataConfig
+from datamodules.tts import TTSDataConfig
 from modules.adapter import AdapterConfig
+from modules.codec_layers import CodecConfig
 from modules.embeddings import SpeechLLMConfig
 from modules.encoder import CTCConfig, EncoderConfig
 from modules.llm import LLMConfig
@@ -97,6 +99,9 @@ class DataConfig:
     asr: ASRDataConfig = field(default_factory=ASRDataConfig)
     spoken_qa: SpokenQADataConfig = field(default_factory=SpokenQADataConfig)
     text_qa: TextQADataConfig = field(default_factory=TextQADataConfig)
+    tts: TTSDataConfig = field(default_factory=TTSDataConfig)
+    # The TTS shards with codec tokens (tools.write_codec_tokens writes them after output_1_codec).
+    tts_codes: TTSDataConfig = field(default_factory=TTSDataConfig)
 
 
 @dataclass
@@ -123,6 +128,7 @@ class RunConfig:
     ctc: CTCConfig = field(default_factory=CTCConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     speech_llm: SpeechLLMConfig = field(default_factory=SpeechLLMConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

@@ -31,3 +31,15 @@ def log_audio(writer, tag: str, wav: torch.Tensor | np.ndarray, sample_rate: int
     """A mono waveform [N] in [-1, 1] as a TensorBoard audio sample."""
     wav = torch.as_tensor(wav).detach().float().cpu().clamp(-1, 1)
     writer.add_audio(tag, wav[None], step, sample_rate=sample_rate)
+
+
+def log_spectrograms(writer, tag: str, spectra: dict[str, torch.Tensor], step: int) -> None:
+    """Log-mel spectrograms [n_mels, frames], one panel per entry, in one figure."""
+    fig, axes = plt.subplots(len(spectra), 1, figsize=(10, 2.5 * len(spectra)), constrained_layout=True, squeeze=False)
+    for ax, (name, spec) in zip(axes[:, 0], spectra.items()):
+        ax.imshow(spec.detach().float().cpu().numpy(), origin="lower", aspect="auto", interpolation="nearest")
+        ax.set_title(name)
+        ax.set_ylabel("mel bin")
+    axes[-1, 0].set_xlabel("frame")
+    writer.add_figure(tag, fig, step)
+    plt.close(fig)

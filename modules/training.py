@@ -129,8 +129,12 @@ def apply_num_threads(cfg: DictConfig) -> None:
         torch.set_num_threads(cfg.trainer.num_threads)
 
 
-def build_trainer(cfg: DictConfig, monitor: str = "val/loss") -> L.Trainer:
-    """A Trainer logging to runs/<exp>/<stage>/tb and checkpointing to .../checkpoints."""
+def build_trainer(cfg: DictConfig, monitor: str = "val/loss", manual_optimization: bool = False) -> L.Trainer:
+    """A Trainer logging to runs/<exp>/<stage>/tb and checkpointing to .../checkpoints.
+
+    With `manual_optimization` (a module that steps its optimizers itself, e.g. a GAN) the module
+    clips its own gradients: Lightning refuses `gradient_clip_val` there.
+    """
     t = cfg.trainer
     apply_num_threads(cfg)
     out = run_dir(cfg)
@@ -157,8 +161,8 @@ def build_trainer(cfg: DictConfig, monitor: str = "val/loss") -> L.Trainer:
         check_val_every_n_epoch=None,  # streaming data has no epochs: validate every N steps
         limit_val_batches=t.limit_val_batches,
         log_every_n_steps=t.log_every_n_steps,
-        gradient_clip_val=t.gradient_clip_val,
-        accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=None if manual_optimization else t.gradient_clip_val,
+        accumulate_grad_batches=1 if manual_optimization else t.accumulate_grad_batches,
         logger=TensorBoardLogger(save_dir=str(out), name="tb", version=""),
         callbacks=callbacks,
         enable_progress_bar=t.enable_progress_bar,
@@ -171,7 +175,7 @@ def fit(cfg: DictConfig, module: L.LightningModule, datamodule: L.LightningDataM
     """Save the resolved config, then train; resume from last.ckpt when `cfg.resume`."""
     out = run_dir(cfg)
     save_config(cfg, out / "config.yaml")
-    trainer = build_trainer(cfg)
+    trainer = build_trainer(cfg, manual_optimization=not module.automatic_optimization)
     last = out / "checkpoints" / "last.ckpt"
     ckpt_path = str(last) if cfg.resume and last.is_file() else None
     if ckpt_path:
@@ -262,7 +266,7 @@ def load_saved_weights(cfg: DictConfig, module: nn.Module, stage: str, saved: di
 
 
 def config_differences(
-    theirs: dict, ours: dict, prefix: str = "", sections=("encoder", "adapter", "ctc", "llm", "speech_llm")
+    theirs: dict, ours: dict, prefix: str = "", sections=("encoder", "adapter", "ctc", "llm", "speech_llm", "codec")
 ) -> list[str]:
     """'encoder.d_model: 144 -> 192' for the component settings that differ."""
     out: list[str] = []

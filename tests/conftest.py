@@ -21,7 +21,9 @@ MINI_QA = {"train": 8, "dev": 3, "test": 3}
 @pytest.fixture(scope="session")
 def mini_corpus(tmp_path_factory):
     out = tmp_path_factory.mktemp("corpus")
-    prepare_corpus(out, seed=5, n_asr=30, workers=1, progress=False, qa_builder=lambda s: build_qa_splits(s, MINI_QA))
+    prepare_corpus(
+        out, seed=5, n_asr=30, n_tts=20, workers=1, progress=False, qa_builder=lambda s: build_qa_splits(s, MINI_QA)
+    )
     return out
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from modules.codec import CodecConfig, Generator, GlobalQuantizer, VectorQuantizer, codebook_usage, hop_length
+from modules.codec_layers import CodecConfig, Generator, GlobalQuantizer, VectorQuantizer, codebook_usage, hop_length
 
 SMALL = CodecConfig(
     dim=32, encoder_channels=4, global_dim=8, global_groups=2, upsample_kernels=[16, 11, 11, 5], resblock_kernels=[3, 5]
@@ -18,7 +18,9 @@ def test_paper_sizes_match_the_reference():
         books = [VectorQuantizer(cfg.codebook_size, cfg.dim), GlobalQuantizer(cfg)]
     n = sum(p.numel() for p in generator.parameters())
     assert abs(n - 15_369_857) / 15_369_857 < 0.01, n
-    assert sum(p.numel() for q in books for p in q.parameters()) == 655_360  # 1024 x 512 + 8 x 1024 x 16
+    entries = sum(b.numel() for q in books for name, b in q.named_buffers() if name.endswith("codebook"))
+    assert entries == 655_360  # 1024 x 512 + 8 x 1024 x 16
+    assert not any(True for q in books for _ in q.parameters())  # EMA updates, no gradient
     assert generator.global_stage == 1  # 512 -> 256 -> 128: after the second upsampler
 
 
@@ -84,7 +86,7 @@ def test_global_tokens_round_trip_to_the_voice_vector():
 
 
 def test_encoder_gives_one_vector_per_600_samples_and_a_voice_feature():
-    from modules.codec import Encoder
+    from modules.codec_layers import Encoder
 
     torch.manual_seed(0)
     enc = Encoder(SMALL).eval()
@@ -96,7 +98,12 @@ def test_encoder_gives_one_vector_per_600_samples_and_a_voice_feature():
 
 
 def test_discriminators_and_gan_losses():
-    from modules.codec import Discriminators, discriminator_loss, feature_matching_loss, generator_adversarial_loss
+    from modules.codec_layers import (
+        Discriminators,
+        discriminator_loss,
+        feature_matching_loss,
+        generator_adversarial_loss,
+    )
 
     torch.manual_seed(0)
     disc = Discriminators(scale_width=16)
@@ -112,7 +119,7 @@ def test_discriminators_and_gan_losses():
 
 
 def test_log_mel_puts_a_tone_in_its_band():
-    from modules.codec import LogMel, mel_filterbank
+    from modules.codec_layers import LogMel, mel_filterbank
 
     bank = mel_filterbank(24000, 1024, 80, 0.0, 8000)
     assert bank.shape == (80, 513) and (bank >= 0).all()

@@ -137,7 +137,7 @@ def test_make_corpus_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setitem(sys.modules, "datamodules.qa", fake_module)
 
     out1 = tmp_path / "c1"
-    stats = make_corpus(out1, seed=11, n_asr=20, workers=2, progress=False)
+    stats = make_corpus(out1, seed=11, n_asr=20, n_tts=10, workers=2, progress=False)
     assert stats["asr"]["train"]["utterances"] == 16 + 3  # + the 3 spoken questions of qa_train
     assert stats["asr"]["dev"]["utterances"] == 2 and stats["asr"]["test"]["utterances"] == 2
     assert stats["qa"]["test"]["utterances"] == 3
@@ -170,14 +170,33 @@ def test_make_corpus_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert questions <= {(r["audio"], r["text"]) for r in train_rows}
     assert not any(r["audio"].startswith("audio/qa/") for r in rows)  # the ASR test split stays sentences only
 
+    # TTS: the assistant voice at 24 kHz speaks 8/1/1 sentences plus each split's QA answers.
+    for split, n_sentences in (("train", 8), ("dev", 1), ("test", 1)):
+        rows = [json.loads(line) for line in (out1 / "manifests" / f"tts_{split}.jsonl").read_text().splitlines()]
+        answers = [t["answer"] for d in _fake_qa_splits(11)[split] for t in d["turns"]]
+        assert len(rows) == n_sentences + len(answers) == stats["tts"][split]["utterances"]
+        assert sorted(answers) == sorted(r["text"] for r in rows if not r["id"].startswith(f"tts-{split}-"))
+        for r in rows:
+            assert r["speaker"] == "assistant" and r["split"] == split
+            info = sf.info(str(out1 / r["audio"]))
+            assert info.samplerate == r["sample_rate"] == 24000
+            assert abs(info.frames / info.samplerate - r["duration"]) < 1e-3
+
     # Same seed, other worker count, explicit QA builder: byte-identical manifests.
     out2 = tmp_path / "c2"
-    make_corpus(out2, seed=11, n_asr=20, workers=1, qa_builder=_fake_qa_splits, progress=False)
+    make_corpus(out2, seed=11, n_asr=20, n_tts=10, workers=1, qa_builder=_fake_qa_splits, progress=False)
     assert _read_manifests(out1) == _read_manifests(out2)
     assert (out1 / "corpus_stats.json").read_bytes() == (out2 / "corpus_stats.json").read_bytes()
 
     out3 = tmp_path / "c3"
     stats3 = make_corpus(
-        out3, seed=11, n_asr=20, workers=1, qa_builder=_fake_qa_splits, questions_in_asr=False, progress=False
+        out3,
+        seed=11,
+        n_asr=20,
+        n_tts=10,
+        workers=1,
+        qa_builder=_fake_qa_splits,
+        questions_in_asr=False,
+        progress=False,
     )
     assert stats3["asr"]["train"]["utterances"] == 16

@@ -11,14 +11,21 @@ Layout written under ``--out``::
     manifests/asr_<split>.jsonl          {"id","audio","text","speaker","language","duration","sample_rate","split"}
                                          (asr_train also lists every spoken question of qa_train, see below)
     manifests/qa_<split>.jsonl           {"id","speaker","language","split","turns":[{..., "audio","duration","sample_rate"}]}
+    audio/tts/<split>/<id>.flac          speech output: one text in the fixed assistant voice, at 24 kHz
+    manifests/tts_<split>.jsonl          {"id","audio","text","speaker":"assistant","language","duration","sample_rate","split"}
     manifests/voices.json                the voices of each split and the assistant voice
     corpus_stats.json                    utterances, hours and voices per split
 
 Splits are by speaker: dev/test utterances and dialogues only use dev/test voices, which never
 occur in training. Everything is a deterministic function of the seed: the same seed gives
 byte-identical manifests whatever the number of workers (the eSpeak driver makes each utterance
-depend only on its text and voice, and outputs are sorted by id). Audio is written at eSpeak's
-native 22050 Hz; resampling is left to the feature pipeline.
+depend only on its text and voice, and outputs are sorted by id). Speech-input audio is written at
+eSpeak's native 22050 Hz (resampling is left to the feature pipeline); the TTS split, the codec's
+and the speech decoder's data, is resampled once to the codec's 24 kHz (`datamodules.audio.resample`).
+
+The TTS split speaks, in the assistant voice, templated sentences (`--n-tts`, 80/10/10) plus the
+reference answers of the QA dialogues of the same split, so the speech decoder learns the
+answers' words ("counting back from twelve: eleven, ten").
 
 The ASR training manifest also lists the spoken questions of the QA training dialogues (their
 audio, with the question as transcript), as a general-domain ASR corpus covers questions: the
@@ -44,8 +51,9 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
+from datamodules.audio import OUTPUT_SAMPLE_RATE, resample
 from datamodules.sentences import generate_sentences
-from datamodules.voices import SPLITS, Voice, build_voices, voices_to_json
+from datamodules.voices import ASSISTANT_VOICE, SPLITS, Voice, build_voices, voices_to_json
 
 # Share of the ASR utterances that go to dev and to test (the rest is train).
 ASR_HELDOUT_FRACTION = {"dev": 0.1, "test": 0.1}
@@ -54,8 +62,9 @@ _SAFE_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 QABuilder = Callable[[int], dict[str, list[dict]]]
 
-# One synthesis job: (key, text, voice as a dict, absolute output path). Plain tuples pickle fast.
-Job = tuple[str, str, dict[str, Any], str]
+# One synthesis job: (key, text, voice as a dict, absolute output path, output sample rate or 0 for
+# eSpeak's own). Plain tuples pickle fast.
+Job = tuple[str, str, dict[str, Any], str, int]
 
 
 # --- Worker side ---------------------------------------------------------------------------------
@@ -71,15 +80,18 @@ def _init_worker() -> None:
 
 
 def _synthesize_job(job: Job) -> tuple[str, int, int]:
-    """Synthesize one utterance, write it as 16-bit FLAC; return ``(key, n_samples, sample_rate)``."""
-    key, text, voice, path = job
+    """Synthesize one utterance (resampled if the job asks), write it as 16-bit FLAC; return
+    ``(key, n_samples, sample_rate)``."""
+    key, text, voice, path, rate = job
     if _TTS is None:
         _init_worker()
     audio = _TTS.synthesize(text, Voice.from_dict(voice))
+    rate = rate or _TTS.sample_rate
+    audio = resample(audio, _TTS.sample_rate, rate)
     # eSpeak produces int16 samples; convert back exactly instead of letting libsndfile rescale.
     pcm = np.clip(np.round(audio * 32768.0), -32768, 32767).astype(np.int16)
-    sf.write(path, pcm, _TTS.sample_rate, format="FLAC", subtype="PCM_16")
-    return key, int(pcm.shape[0]), int(_TTS.sample_rate)
+    sf.write(path, pcm, rate, format="FLAC", subtype="PCM_16")
+    return key, int(pcm.shape[0]), int(rate)
 
 
 def _run_jobs(jobs: Sequence[Job], workers: int, progress: bool) -> dict[str, tuple[int, int]]:
@@ -166,6 +178,21 @@ def _plan_qa(seed: int, voices: dict[str, list[Voice]], qa_builder: QABuilder) -
 
 
 # --- Writing -------------------------------------------------------------------------------------
+def _plan_tts(seed: int, n_tts: int, qa_plan: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+    """TTS texts per split: ``n_tts`` sentences (80/10/10) + the split's QA reference answers."""
+    rng = random.Random(f"tts:{seed}")
+    sentences = generate_sentences(n_tts, rng)
+    plan: dict[str, list[dict[str, Any]]] = {}
+    start = 0
+    for split, size in _split_sizes(n_tts).items():
+        rows = [{"id": f"tts-{split}-{i:06d}", "text": t} for i, t in enumerate(sentences[start : start + size])]
+        start += size
+        answers = [(d["id"], k, t["answer"]) for d in qa_plan.get(split, []) for k, t in enumerate(d["turns"])]
+        rows += [{"id": f"tts-{did}-t{k}", "text": str(text)} for did, k, text in answers]
+        plan[split] = rows
+    return plan
+
+
 def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
     with path.open("w", encoding="utf-8") as f:
         for row in rows:
@@ -186,6 +213,7 @@ def make_corpus(
     n_asr: int = 3000,
     workers: int = 2,
     *,
+    n_tts: int = 1500,
     include_qa: bool = True,
     questions_in_asr: bool = True,
     qa_builder: QABuilder | None = None,
@@ -196,7 +224,8 @@ def make_corpus(
     ``qa_builder(seed) -> {"train"|"dev"|"test": [dialogue, ...]}`` defaults to
     ``datamodules.qa.build_qa_splits`` (imported only when needed); ``include_qa=False`` skips the
     spoken-QA part; ``questions_in_asr=False`` keeps the QA training questions out of the ASR
-    training manifest. Existing ``audio/asr`` and ``audio/qa`` folders under ``out_dir`` are replaced.
+    training manifest; ``n_tts=0`` with ``include_qa=False`` leaves the TTS split empty. Existing
+    ``audio/{asr,qa,tts}`` folders under ``out_dir`` are replaced.
     The returned dict is the content of ``corpus_stats.json`` plus ``elapsed_s`` (wall time).
     """
     t0 = time.perf_counter()
@@ -214,8 +243,10 @@ def make_corpus(
             qa_builder = build_qa_splits
         qa_plan = _plan_qa(seed, voices, qa_builder)
 
+    tts_plan = _plan_tts(seed, n_tts, qa_plan)
+
     # Fresh audio folders so that no stale file from an earlier, larger run survives.
-    for kind in ("asr", "qa"):
+    for kind in ("asr", "qa", "tts"):
         shutil.rmtree(out / "audio" / kind, ignore_errors=True)
         for split in SPLITS:
             (out / "audio" / kind / split).mkdir(parents=True, exist_ok=True)
@@ -226,23 +257,29 @@ def make_corpus(
         for u in utts:
             rel = f"audio/asr/{split}/{u['id']}.flac"
             u["audio"] = rel
-            jobs.append((rel, u["text"], u["voice"].to_dict(), str(out / rel)))
+            jobs.append((rel, u["text"], u["voice"].to_dict(), str(out / rel), 0))
     for split, dialogues in qa_plan.items():
         for d in dialogues:
             d["audio"] = []
             for k, turn in enumerate(d["turns"]):
                 rel = f"audio/qa/{split}/{d['id']}-t{k}.flac"
                 d["audio"].append(rel)
-                jobs.append((rel, str(turn["question"]), d["voice"].to_dict(), str(out / rel)))
+                jobs.append((rel, str(turn["question"]), d["voice"].to_dict(), str(out / rel), 0))
+    assistant = ASSISTANT_VOICE.to_dict()
+    for split, rows in tts_plan.items():
+        for r in rows:
+            r["audio"] = f"audio/tts/{split}/{r['id']}.flac"
+            jobs.append((r["audio"], r["text"], assistant, str(out / r["audio"]), OUTPUT_SAMPLE_RATE))
 
     results = _run_jobs(jobs, workers, progress)
-    rates = {sr for _, sr in results.values()}
+    rates = {sr for rel, (_, sr) in results.items() if not rel.startswith("audio/tts/")}
     if len(rates) > 1:
         raise RuntimeError(f"inconsistent sample rates across workers: {sorted(rates)}")
     sample_rate = rates.pop() if rates else 0
 
     def duration(rel: str) -> float:
-        return round(results[rel][0] / sample_rate, 4)
+        n, sr = results[rel]
+        return round(n / sr, 4)
 
     def asr_row(uid: str, rel: str, text: str, voice: Voice, split: str) -> dict[str, Any]:
         return {
@@ -256,7 +293,7 @@ def make_corpus(
             "split": split,
         }
 
-    stats: dict[str, Any] = {"seed": seed, "sample_rate": sample_rate, "asr": {}, "qa": {}}
+    stats: dict[str, Any] = {"seed": seed, "sample_rate": sample_rate, "asr": {}, "qa": {}, "tts": {}}
     for split in SPLITS:
         rows = [asr_row(u["id"], u["audio"], u["text"], u["voice"], split) for u in asr_plan[split]]
         if split == "train" and include_qa and questions_in_asr:
@@ -271,6 +308,18 @@ def make_corpus(
             "utterances": len(rows),
             "hours": _hours(sum(r["duration"] for r in rows)),
             "voices": len({r["speaker"] for r in rows}),
+        }
+
+        tts_rows = [
+            {"id": r["id"], "audio": r["audio"], "text": r["text"], "speaker": ASSISTANT_VOICE.voice_id,
+             "language": LANGUAGE, "duration": duration(r["audio"]), "sample_rate": OUTPUT_SAMPLE_RATE, "split": split}
+            for r in sorted(tts_plan[split], key=lambda r: r["id"])
+        ]  # fmt: skip
+        _write_jsonl(out / "manifests" / f"tts_{split}.jsonl", tts_rows)
+        stats["tts"][split] = {
+            "utterances": len(tts_rows),
+            "hours": _hours(sum(r["duration"] for r in tts_rows)),
+            "voices": 1 if tts_rows else 0,
         }
 
         if not include_qa:
@@ -294,7 +343,7 @@ def make_corpus(
 
     stats["total"] = {
         "utterances": len(jobs),
-        "hours": _hours(sum(n for n, _ in results.values()) / sample_rate) if sample_rate else 0.0,
+        "hours": _hours(sum(n / sr for n, sr in results.values())),
         "voices": sum(len(v) for v in voices.values()),
     }
     _write_json(out / "manifests" / "voices.json", voices_to_json(voices))
@@ -307,6 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output directory, e.g. data/tiny")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--n-asr", type=int, default=3000, help="number of ASR utterances")
+    parser.add_argument("--n-tts", type=int, default=1500, help="TTS sentences (besides the QA answers)")
     parser.add_argument("--workers", type=int, default=2, help="synthesis processes (1 = no pool)")
     parser.add_argument("--no-qa", action="store_true", help="skip the spoken-QA dialogues")
     parser.add_argument(
@@ -320,11 +370,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=args.seed,
         n_asr=args.n_asr,
         workers=args.workers,
+        n_tts=args.n_tts,
         include_qa=not args.no_qa,
         questions_in_asr=not args.no_questions_in_asr,
         progress=not args.quiet,
     )
-    for part in ("asr", "qa"):
+    for part in ("asr", "qa", "tts"):
         for split, s in stats[part].items():
             print(
                 f"{part:3s} {split:5s}: {s['utterances']:6d} utterances, {s['hours']:7.3f} h, {s['voices']:2d} voices",

@@ -1,6 +1,6 @@
 """Build the tiny corpus in one command: synthesize, write shards, compute CMVN stats.
 
-    python -m tools.prepare_corpus --out data/tiny [--seed 1234] [--n-asr 3000] [--workers 2] [--force]
+    python -m tools.prepare_corpus --out data/tiny [--seed 1234] [--n-asr 3000] [--n-tts 1500] [--workers 2] [--force]
 
 1. `tools.make_corpus` synthesizes the eSpeak NG corpus (audio + JSONL manifests).
 2. Every manifest goes through the shard writer used for real corpora
@@ -35,10 +35,11 @@ def prepare_corpus(
     force: bool = False,
     progress: bool = True,
     qa_builder=None,
+    n_tts: int = 1500,
 ) -> dict:
     """Returns the summary also written to `<out>/prepared.json`."""
     out = Path(out)
-    settings = {"version": CORPUS_VERSION, "seed": seed, "n_asr": n_asr, "shard_max_mb": shard_max_mb}
+    settings = {"version": CORPUS_VERSION, "seed": seed, "n_asr": n_asr, "n_tts": n_tts, "shard_max_mb": shard_max_mb}
     done = out / "prepared.json"
     if done.is_file() and not force:
         summary = json.loads(done.read_text())
@@ -46,7 +47,9 @@ def prepare_corpus(
             print(f"corpus already prepared in {out} (use --force to rebuild)")
             return summary
     t0 = time.perf_counter()
-    stats = make_corpus(out, seed=seed, n_asr=n_asr, workers=workers, progress=progress, qa_builder=qa_builder)
+    stats = make_corpus(
+        out, seed=seed, n_asr=n_asr, workers=workers, n_tts=n_tts, progress=progress, qa_builder=qa_builder
+    )
     t_synth = time.perf_counter() - t0
 
     indexes = {}
@@ -86,13 +89,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("data/tiny"))
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--n-asr", type=int, default=3000)
+    p.add_argument("--n-tts", type=int, default=1500, help="TTS sentences in the assistant voice (+ the QA answers)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--shard-max-mb", type=int, default=64)
     p.add_argument("--force", action="store_true", help="rebuild even if the corpus is already prepared")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    s = prepare_corpus(args.out, args.seed, args.n_asr, args.workers, args.shard_max_mb, args.force, not args.quiet)
+    s = prepare_corpus(
+        args.out, args.seed, args.n_asr, args.workers, args.shard_max_mb, args.force, not args.quiet, n_tts=args.n_tts
+    )
     print(json.dumps({"shards": s["shards"], "wall_s": s["wall_s"]}, indent=2))
     return 0
 
