@@ -23,6 +23,8 @@ STAGES = {
     "input_2_align": "modules.speech_llm",
     "input_3_prompt": "modules.speech_llm",
     "output_1_codec": "modules.codec",
+    "output_2_decoder": "modules.speech_decoder_stage",
+    "output_3_prefix": "modules.speech_decoder_stage",
 }
 
 

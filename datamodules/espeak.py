@@ -332,3 +332,12 @@ class ESpeak:
         rc = lib.espeak_SetParameter(param, int(value), 0)
         if rc != EE_OK:
             raise RuntimeError(f"espeak_SetParameter({param}, {value}) failed ({rc})")
+
+
+def assistant_speech(text: str, sample_rate: int = 24000, tts: ESpeak | None = None) -> np.ndarray:
+    """``text`` in the fixed assistant voice (the TTS split's voice), float32 at ``sample_rate``."""
+    from datamodules.audio import resample
+    from datamodules.voices import ASSISTANT_VOICE
+
+    tts = tts or ESpeak()
+    return resample(tts.synthesize(text, ASSISTANT_VOICE), tts.sample_rate, sample_rate)

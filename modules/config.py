@@ -36,6 +36,7 @@ from modules.codec_layers import CodecConfig
 from modules.embeddings import SpeechLLMConfig
 from modules.encoder import CTCConfig, EncoderConfig
 from modules.llm import LLMConfig
+from modules.speech_decoder import SpeechDecoderConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 GROUPS = ("model", "data", "trainer")
@@ -129,6 +130,7 @@ class RunConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     speech_llm: SpeechLLMConfig = field(default_factory=SpeechLLMConfig)
     codec: CodecConfig = field(default_factory=CodecConfig)
+    speech_decoder: SpeechDecoderConfig = field(default_factory=SpeechDecoderConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

@@ -266,7 +266,10 @@ def load_saved_weights(cfg: DictConfig, module: nn.Module, stage: str, saved: di
 
 
 def config_differences(
-    theirs: dict, ours: dict, prefix: str = "", sections=("encoder", "adapter", "ctc", "llm", "speech_llm", "codec")
+    theirs: dict,
+    ours: dict,
+    prefix: str = "",
+    sections=("encoder", "adapter", "ctc", "llm", "speech_llm", "codec", "speech_decoder"),
 ) -> list[str]:
     """'encoder.d_model: 144 -> 192' for the component settings that differ."""
     out: list[str] = []
