@@ -249,9 +249,9 @@ def _frozen_and_trained(module, batch, trainable: set[str]) -> None:
 
 def test_decoder_stages_train_the_declared_parts(decoder_args):
     from datamodules.answer_speech import AnswerSpeechDataModule
+    from datamodules.shards import iter_metadata
     from modules.speech_decoder_stage import answer_examples, build, load_speech_decoder
     from modules.training import load_stage_outputs
-    from datamodules.shards import iter_metadata
 
     train.main(["stage=output_1_codec", *decoder_args])
     cfg2 = load_config(["stage=output_2_decoder", *decoder_args])
