@@ -11,6 +11,12 @@ python infer.py eval_spoken_qa experiment=tiny [eval.limit=N]
     text. Writes runs/<exp>/eval/spoken_qa.{json,md}.
 python infer.py eval_input experiment=tiny
     Both tables.
+python infer.py eval_codec experiment=tiny [eval.limit=N]
+    The codec's reconstructions of the TTS test split: log-mel distance, SI-SNR, codebook use,
+    and the CTC judge's WER on original vs reconstructed audio. Writes runs/<exp>/eval/codec.{json,md}.
+python infer.py eval_speech_output experiment=tiny [eval.speech_output_turns=N] [eval.top_ks=[...]]
+    Table 2: WER of the CTC judge on the decoder's speech of the LLM's test replies, with and
+    without prefix and pre-network, over top-k. Writes runs/<exp>/eval/speech_output.{json,md}.
 """
 
 from __future__ import annotations
@@ -57,11 +63,25 @@ def eval_input(argv: list[str]) -> dict:
     return {"asr": eval_asr(argv), "spoken_qa": eval_spoken_qa(argv)}
 
 
+def eval_codec(argv: list[str]) -> dict:
+    from modules.codec import report_codec
+
+    return report_codec(_threads(load_config(argv, stage="output_1_codec")))
+
+
+def eval_speech_output(argv: list[str]) -> dict:
+    from modules.tts_eval import evaluate_speech_output
+
+    return evaluate_speech_output(_threads(load_config(argv, stage="output_3_prefix")))
+
+
 COMMANDS = {
     "eval_text_qa": eval_text_qa,
     "eval_asr": eval_asr,
     "eval_spoken_qa": eval_spoken_qa,
     "eval_input": eval_input,
+    "eval_codec": eval_codec,
+    "eval_speech_output": eval_speech_output,
 }
 
 

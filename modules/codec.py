@@ -312,3 +312,52 @@ def evaluate_codec(cfg: DictConfig, codec: Codec, split: str, limit: int = 0) ->
         "codes_used": usage["used"],
         "bits_per_second": np.log2(codec.codec_cfg.codebook_size) * codec.codec_cfg.sample_rate / codec.hop,
     }
+
+
+def report_codec(cfg: DictConfig) -> dict:
+    """`python infer.py eval_codec`: `evaluate_codec` on the TTS test split, plus the CTC judge's
+    WER on the original and the reconstructed audio (when stage input_1_ctc exists)."""
+    import json
+
+    from modules.config import eval_dir
+
+    codec = load_codec(cfg)
+    result = evaluate_codec(cfg, codec, "test", cfg.eval.limit)
+    try:
+        from datamodules.transcripts import wer
+        from modules.ctc import load_encoder_ctc, transcribe
+
+        judge = load_encoder_ctc(cfg)
+    except FileNotFoundError as e:
+        log.warning("no CTC judge: %s", e)
+        judge = None
+    if judge is not None:
+        originals, recons, refs = [], [], []
+        for batch in TTSDataModule(tts_data_config(cfg), "audio").make_loader("test"):
+            m = measure_batch(codec, batch)
+            for i, n in enumerate(batch["lens"].tolist()):
+                originals.append(batch["wav"][i, 0, :n].numpy())
+                recons.append(m["wav"][i, 0, :n].numpy())
+            refs += batch["texts"]
+            if cfg.eval.limit and len(refs) >= cfg.eval.limit:
+                break
+        chunk, rate = int(cfg.encoder.chunk_frames), codec.codec_cfg.sample_rate
+        result["judge_wer_original"] = wer(transcribe(judge, originals, rate, chunk), refs)
+        result["judge_wer_reconstructed"] = wer(transcribe(judge, recons, rate, chunk), refs)
+    lines = [
+        f"### Codec reconstructions of the TTS test split ({result['utterances']} utterances, "
+        f"{result['bits_per_second']:.0f} bit/s)",
+        "",
+        "| log-mel L1 | SI-SNR | code perplexity | codes used | judge WER original | judge WER reconstructed |",
+        "|---|---|---|---|---|---|",
+        f"| {result['mel_distance']:.3f} | {result['si_snr_db']:.1f} dB | {result['code_perplexity']:.0f} | "
+        f"{100 * result['codes_used']:.1f}% | "
+        + (f"{100 * result['judge_wer_original']:.1f}% | {100 * result['judge_wer_reconstructed']:.1f}% |"
+           if judge is not None else "- | - |"),
+    ]  # fmt: skip
+    table = "\n".join(lines) + "\n"
+    out = eval_dir(cfg)
+    (out / "codec.json").write_text(json.dumps({**result, "table": table}, indent=2) + "\n")
+    (out / "codec.md").write_text(table)
+    print(table)
+    return result

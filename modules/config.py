@@ -112,6 +112,9 @@ class EvalConfig:
     limit: int = 0  # evaluate only the first N dialogues (utterances for ASR); 0 = all
     # Chains compared in the ASR table: "" = the main one, others = stage.variant names.
     variants: list[str] = field(default_factory=lambda: ["", "dynamic"])
+    # Table 2: replies of the LLM to the test questions that the decoder speaks, and its top-k values
+    speech_output_turns: int = 100
+    top_ks: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
 
 
 @dataclass

@@ -13,6 +13,7 @@ import json
 import logging
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -254,3 +255,24 @@ def units_from_json(text: str | None) -> CTCUnits:
     if "llm" in spec:
         return LLMTokenUnits.from_json(spec["llm"])
     return BPEUnits.from_json(spec["bpe"]) if "bpe" in spec else CharVocab(spec["chars"])
+
+
+@torch.inference_mode()
+def transcribe(module: EncoderCTC, wavs: list, sample_rate: int, chunk_frames: int = 0, batch: int = 16) -> list[str]:
+    """CTC greedy transcripts of waveforms (float arrays at `sample_rate`; resampled to 16 kHz):
+    the intelligibility judge of generated speech."""
+    from datamodules.audio import INPUT_SAMPLE_RATE, resample
+    from datamodules.features import fbank
+    from datamodules.shards import pad_feats
+
+    out: list[str] = []
+    for i in range(0, len(wavs), batch):
+        feats = [
+            torch.from_numpy(fbank(resample(np.asarray(w, dtype=np.float32), sample_rate, INPUT_SAMPLE_RATE)))
+            for w in wavs[i : i + batch]
+        ]
+        feats = [f if len(f) else torch.zeros(1, f.shape[1]) for f in feats]
+        x, lens = pad_feats(feats)
+        log_probs, out_lens = module.log_probs(x, lens, chunk_frames=chunk_frames)
+        out += greedy_decode(module.vocab, log_probs, out_lens)
+    return out

@@ -306,3 +306,43 @@ def test_decoder_stages_train_the_declared_parts(decoder_args):
     with pytest.raises(ValueError, match=r"decoder\.out\.weight: output_2_decoder saved \(68, 16\)"):
         load_speech_decoder(load_config(["stage=output_3_prefix", *decoder_args, "speech_decoder.codebook_size=32",
                                          "codec.codebook_size=32"]))  # fmt: skip
+
+
+def test_table2_and_codec_report_run_on_the_trained_chain(decoder_args, monkeypatch):
+    import modules.tts_eval as tts_eval
+    from datamodules.shards import iter_metadata
+    from modules.codec import report_codec
+    from modules.llm import chat_messages
+
+    args = [*decoder_args, "eval.speech_output_turns=3", "eval.top_ks=[1,2]", "speech_decoder.max_tokens=30"]
+    for stage in ("input_1_ctc", "output_1_codec"):
+        train.main([f"stage={stage}", *args])
+    cfg = load_config(["stage=output_3_prefix", *args])
+    write_codec_tokens(cfg, voice_utterances=4, progress=False)
+    train.main(["stage=output_2_decoder", *args])
+    answers = Path(cfg.speech_llm.answers_dir)
+    answers.mkdir(parents=True)
+    for split in ("train", "dev"):
+        rows = [{"id": k, "replies": [t["answer"] for t in m["turns"]]}
+                for k, m in iter_metadata(cfg.data.spoken_qa[f"{split}_shards"])]  # fmt: skip
+        (answers / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train.main(["stage=output_3_prefix", *args])
+
+    def reference_replies(cfg, turns):  # the mini LLM is untrained: speak the reference answers
+        items = []
+        for key, meta in iter_metadata(cfg.data.spoken_qa.test_shards):
+            for k, t in enumerate(meta["turns"][:1]):
+                items.append({"id": f"{key}-t{k}", "messages": chat_messages([], t["question"]), "text": t["answer"]})
+        return items[:turns]
+
+    monkeypatch.setattr(tts_eval, "test_replies", reference_replies)
+    result = tts_eval.evaluate_speech_output(cfg)
+    assert result["replies"] == 3 and result["floor_wer"] >= 0 and np.isfinite(result["codec_resynthesis_wer"])
+    assert [(r["variant"], r["prefix"]) for r in result["rows"]] == [("", False), ("", True)]
+    assert len(result["missing"]) == 2 and all("nopre" in m for m in result["missing"])
+    assert all(set(r["wer"]) == {"1", "2"} for r in result["rows"])
+    out = Path(cfg.run_root) / cfg.experiment / "eval"
+    assert (out / "speech_output.md").is_file() and list((out / "speech_output").glob("*-espeak.wav"))
+
+    report = report_codec(load_config(["stage=output_1_codec", *args]))
+    assert report["utterances"] > 0 and report["judge_wer_original"] >= 0 and "judge_wer_reconstructed" in report
