@@ -6,7 +6,7 @@ EXP     ?= tiny
 CORPUS  ?= data/tiny
 PYTEST_ARGS ?=
 
-.PHONY: help setup corpus demo demo-input demo-llm demo-ctc-main demo-ctc-dynamic demo-align-main demo-align-dynamic demo-prompt demo-eval-asr demo-eval-qa demo-eval test bench bench-data bench-llm bench-input lint format clean
+.PHONY: help setup corpus demo demo-input demo-llm demo-ctc-main demo-ctc-dynamic demo-align-main demo-align-dynamic demo-prompt demo-eval-asr demo-eval-qa demo-eval demo-output demo-codec demo-tokens demo-answers demo-decoder-main demo-decoder-nopre demo-prefix-main demo-prefix-nopre demo-eval-codec demo-eval-output test bench bench-data bench-llm bench-input bench-output lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -60,13 +60,43 @@ demo-eval: demo-eval-asr demo-eval-qa
 demo-input: setup ## the full tiny recipe of the speech-input stages (needs the corpus; ~45 min), Tables 1 and 3
 	$(MAKE) -j2 demo-eval
 
+# Speech output (issue 4): the codec trains on one core for most of the run while the stand-in
+# LLM and the stage-1 encoder (the intelligibility judge) train on the other; then the decoder
+# with and without the pre-network, their prefix decoders, and Table 2.
+NOPRE := stage.variant=nopre speech_decoder.pre_net_layers=0
+demo-codec: setup
+	$(RUN1) stage=output_1_codec
+demo-tokens: setup | demo-codec
+	$(PY) -m tools.write_codec_tokens experiment=$(EXP) trainer.num_threads=1 --quiet
+demo-answers: setup | demo-llm
+	$(PY) -m tools.make_llm_answers experiment=$(EXP) trainer.num_threads=1
+demo-decoder-main: setup | demo-tokens demo-llm
+	$(RUN1) stage=output_2_decoder
+demo-decoder-nopre: setup | demo-tokens demo-llm
+	$(RUN1) stage=output_2_decoder $(NOPRE)
+demo-prefix-main: setup | demo-decoder-main demo-answers
+	$(RUN1) stage=output_3_prefix
+demo-prefix-nopre: setup | demo-decoder-nopre demo-answers
+	$(RUN1) stage=output_3_prefix $(NOPRE)
+demo-eval-codec: setup | demo-codec demo-ctc-main
+	$(PY) infer.py eval_codec experiment=$(EXP) trainer.num_threads=1
+demo-eval-output: setup | demo-prefix-main demo-prefix-nopre demo-ctc-main demo-eval-codec
+	$(PY) infer.py eval_speech_output experiment=$(EXP) trainer.num_threads=1
+	@cat runs/$(EXP)/eval/codec.md runs/$(EXP)/eval/speech_output.md
+
+demo-output: setup ## the tiny recipe of the speech-output stages (needs the corpus): codec report and Table 2
+	$(MAKE) -j2 demo-eval-output
+
 test: setup ## the test suite (fast, CPU, no network); CI runs exactly this
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-bench: bench-data bench-llm bench-input ## all benchmarks
+bench: bench-data bench-llm bench-input bench-output ## all benchmarks
 
 bench-input: setup ## streaming encoder + adapter: cost at 1 s vs 60 s, streaming vs recompute, input-path RTF
 	$(PY) -m tools.bench_input --experiment $(EXP)
+
+bench-output: setup ## speech decoder AR tokens/s, synthesis RTF, first segment -> first PCM, KV cache vs none
+	$(PY) -m tools.bench_output --experiment $(EXP)
 
 bench-llm: setup ## stand-in LLM training step: fp32 vs bf16 autocast, one run
 	$(PY) -m tools.bench_llm --experiment $(EXP)

@@ -233,6 +233,9 @@ def run(cfg: DictConfig) -> dict:
     else:
         if not any(k.startswith("decoder.") for k in loaded):
             raise ValueError(f"stage {PREFIX} trains the prefix of a trained decoder: set stage.init_from: [{DECODER}]")
+        from tools.make_llm_answers import ensure_llm_answers
+
+        ensure_llm_answers(cfg)  # the LLM's replies to the training questions, cached once
         examples, stats = {}, {}
         for split in ("train", "dev"):
             examples[split], stats[split] = answer_examples(cfg, split)
