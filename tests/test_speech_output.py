@@ -24,6 +24,7 @@ from modules.codec import Codec, codec_config, load_codec, si_snr, tts_data_conf
 from modules.codec_layers import hop_length
 from modules.config import load_config, run_dir
 from modules.training import read_checkpoint
+from tools.make_llm_answers import fingerprint
 from tools.write_codec_tokens import write_codec_tokens
 
 CODEC_COMPONENTS = {"encoder", "quantizer", "global_quantizer", "generator", "discriminators"}
@@ -282,6 +283,7 @@ def test_decoder_stages_train_the_declared_parts(decoder_args):
             rows.append({"id": key, "replies": replies})
         rows[0]["replies"][0] = ""
         (answers / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (answers / "meta.json").write_text(json.dumps(fingerprint(cfg3)))  # as if this LLM had made them
     examples, stats = answer_examples(cfg3, "train")
     assert stats["examples"] == len(examples) > 0 and all(len(e["codes"]) > 0 for e in examples)
     assert stats["skipped_empty"] == 1 and stats["spoken"] > 0 and stats["from_tts_shards"] > 0
@@ -326,6 +328,7 @@ def test_table2_and_codec_report_run_on_the_trained_chain(decoder_args, monkeypa
         rows = [{"id": k, "replies": [t["answer"] for t in m["turns"]]}
                 for k, m in iter_metadata(cfg.data.spoken_qa[f"{split}_shards"])]  # fmt: skip
         (answers / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (answers / "meta.json").write_text(json.dumps(fingerprint(cfg)))
     train.main(["stage=output_3_prefix", *args])
 
     def reference_replies(cfg, turns):  # the mini LLM is untrained: speak the reference answers

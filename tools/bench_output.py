@@ -18,6 +18,7 @@ runs/<exp>/eval/bench_output.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -109,10 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
                 if got:
                     raise StopIteration
 
-            try:
+            with contextlib.suppress(StopIteration):  # stop at the first PCM chunk
                 net.generate(text, valid, hidden, valid, top_k=2, max_tokens=n, on_token=on_token)
-            except StopIteration:
-                pass
 
         t_first = _time(first_pcm, args.repeats)
     audio_s = n * hop / rate
