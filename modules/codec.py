@@ -289,13 +289,20 @@ def load_codec(cfg: DictConfig, stage: str = STAGE) -> Codec:
 
 
 @torch.no_grad()
-def evaluate_codec(cfg: DictConfig, codec: Codec, split: str, limit: int = 0) -> dict:
-    """Reconstruction measures over a TTS split: log-mel distance, SI-SNR, code perplexity / share used."""
+def evaluate_codec(cfg: DictConfig, codec: Codec, split: str, limit: int = 0, audio: dict | None = None) -> dict:
+    """Reconstruction measures over a TTS split: log-mel distance, SI-SNR, code perplexity / share used.
+
+    `audio` (a dict) receives the "originals", "reconstructions" and "texts" when given."""
     loader = TTSDataModule(tts_data_config(cfg), "audio").make_loader(split)
     mels, snrs, codes, weights, n = [], [], [], [], 0
     for batch in loader:
         m = measure_batch(codec, batch)
         k = len(batch["lens"])
+        if audio is not None:
+            for i, length in enumerate(batch["lens"].tolist()):
+                audio.setdefault("originals", []).append(batch["wav"][i, 0, :length].numpy())
+                audio.setdefault("reconstructions", []).append(m["wav"][i, 0, :length].numpy())
+            audio.setdefault("texts", []).extend(batch["texts"])
         mels.append(float(m["mel_distance"]) * k)
         snrs.append(float(m["si_snr"]) * k)
         codes.append(m["codes"])
@@ -322,7 +329,8 @@ def report_codec(cfg: DictConfig) -> dict:
     from modules.config import eval_dir
 
     codec = load_codec(cfg)
-    result = evaluate_codec(cfg, codec, "test", cfg.eval.limit)
+    audio: dict = {}
+    result = evaluate_codec(cfg, codec, "test", cfg.eval.limit, audio)
     try:
         from datamodules.transcripts import wer
         from modules.ctc import load_encoder_ctc, transcribe
@@ -332,18 +340,9 @@ def report_codec(cfg: DictConfig) -> dict:
         log.warning("no CTC judge: %s", e)
         judge = None
     if judge is not None:
-        originals, recons, refs = [], [], []
-        for batch in TTSDataModule(tts_data_config(cfg), "audio").make_loader("test"):
-            m = measure_batch(codec, batch)
-            for i, n in enumerate(batch["lens"].tolist()):
-                originals.append(batch["wav"][i, 0, :n].numpy())
-                recons.append(m["wav"][i, 0, :n].numpy())
-            refs += batch["texts"]
-            if cfg.eval.limit and len(refs) >= cfg.eval.limit:
-                break
-        chunk, rate = int(cfg.encoder.chunk_frames), codec.codec_cfg.sample_rate
-        result["judge_wer_original"] = wer(transcribe(judge, originals, rate, chunk), refs)
-        result["judge_wer_reconstructed"] = wer(transcribe(judge, recons, rate, chunk), refs)
+        chunk, rate, refs = int(cfg.encoder.chunk_frames), codec.codec_cfg.sample_rate, audio["texts"]
+        result["judge_wer_original"] = wer(transcribe(judge, audio["originals"], rate, chunk), refs)
+        result["judge_wer_reconstructed"] = wer(transcribe(judge, audio["reconstructions"], rate, chunk), refs)
     lines = [
         f"### Codec reconstructions of the TTS test split ({result['utterances']} utterances, "
         f"{result['bits_per_second']:.0f} bit/s)",
