@@ -280,8 +280,11 @@ def run(cfg: DictConfig) -> dict:
     return metrics
 
 
-def load_codec(cfg: DictConfig, stage: str = STAGE) -> Codec:
-    """The trained codec of `cfg`'s experiment, in eval mode."""
+def load_codec(cfg: DictConfig, stage: str | None = None) -> Codec:
+    """The trained codec of `cfg`'s experiment, in eval mode: the main chain's, whatever variant
+    a later stage runs (the decoder variants share one codec), unless `stage` names one."""
+    if stage is None:
+        stage = STAGE if cfg.stage.name == STAGE else f"{STAGE}@"
     saved = read_stage_output(cfg, stage)
     module = Codec(cfg)
     load_saved_weights(cfg, module, stage, saved)

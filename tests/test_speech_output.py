@@ -101,6 +101,8 @@ def test_codec_stage_trains_writes_tokens_and_refuses_another_size(codec_args, t
     assert "quantizer.codebook" in saved["state_dict"] and saved["run_config"]["codec"]["dim"] == 32
 
     codec = load_codec(cfg)
+    # a decoder variant's stages use the main chain's codec (there is no output_1_codec-nopre)
+    assert isinstance(load_codec(load_config(["stage=output_3_prefix", *codec_args, "stage.variant=nopre"])), Codec)
     wav = torch.randn(2, 1, 1500).clamp(-1, 1) * 0.3
     codes, gtok = codec.encode(wav)
     assert codes.shape == (2, 3) and gtok.shape == (2, 2)  # 1500 samples round up to 3 tokens
