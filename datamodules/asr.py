@@ -82,30 +82,20 @@ class ASRDataConfig:
         }
 
 
-class ASRDataModule(L.LightningDataModule):
-    """Lightning data module over ASR shards (see the module docstring for the batch layout).
+class ShardDataModule(L.LightningDataModule):
+    """What the shard data modules share: rank/world size (from the attached trainer, else given
+    here, else WebDataset's detection) and the loaders over `make_dataset(split)`.
 
-    Train: shard shuffle, node/worker splitting, shuffle buffer, optional resampling, SpecAugment.
-    Dev/test: in order, no SpecAugment. Rank and world size come from the attached trainer
-    (or ``rank`` / ``world_size`` given here, else WebDataset's environment detection).
-    Subclasses change the sample ``kind`` and override :meth:`_collate`.
+    Subclasses set `self.config` (with `num_workers`, `prefetch_factor`, optionally
+    `pin_memory`) and implement `make_dataset`.
     """
 
-    kind: ClassVar[str] = "asr"
+    config: Any
 
-    def __init__(
-        self, config: ASRDataConfig | None = None, *, rank: int | None = None, world_size: int | None = None
-    ) -> None:
+    def __init__(self, *, rank: int | None = None, world_size: int | None = None) -> None:
         super().__init__()
-        self.config = config if config is not None else ASRDataConfig()
         self._rank, self._world_size = rank, world_size
-        self.cmvn: GlobalCMVN | None = None
         self._shards: dict[str, list[str]] = {}
-
-    # ------------------------------------------------------------------------------------------
-    def setup(self, stage: str | None = None) -> None:
-        if self.config.cmvn_path and self.cmvn is None:
-            self.cmvn = GlobalCMVN.load(self.config.cmvn_path)
 
     def shards(self, split: str) -> list[str]:
         """Resolved shard list of ``split`` ("train" / "dev" / "test")."""
@@ -125,6 +115,55 @@ class ASRDataModule(L.LightningDataModule):
         if trainer is not None:
             return trainer.global_rank, trainer.world_size
         return None, None
+
+    def make_dataset(self, split: str) -> ShardDataset:
+        raise NotImplementedError
+
+    def make_loader(self, split: str) -> DataLoader:
+        cfg = self.config
+        kwargs: dict[str, Any] = {}
+        if cfg.num_workers > 0:
+            kwargs.update(persistent_workers=True, prefetch_factor=cfg.prefetch_factor)
+        return DataLoader(
+            self.make_dataset(split),
+            batch_size=None,
+            num_workers=cfg.num_workers,
+            pin_memory=getattr(cfg, "pin_memory", False),
+            **kwargs,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self.make_loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self.make_loader("dev")
+
+    def test_dataloader(self) -> DataLoader:
+        return self.make_loader("test")
+
+
+class ASRDataModule(ShardDataModule):
+    """Lightning data module over ASR shards (see the module docstring for the batch layout).
+
+    Train: shard shuffle, node/worker splitting, shuffle buffer, optional resampling, SpecAugment.
+    Dev/test: in order, no SpecAugment. Rank and world size come from the attached trainer
+    (or ``rank`` / ``world_size`` given here, else WebDataset's environment detection).
+    Subclasses change the sample ``kind`` and override :meth:`_collate`.
+    """
+
+    kind: ClassVar[str] = "asr"
+
+    def __init__(
+        self, config: ASRDataConfig | None = None, *, rank: int | None = None, world_size: int | None = None
+    ) -> None:
+        super().__init__(rank=rank, world_size=world_size)
+        self.config = config if config is not None else ASRDataConfig()
+        self.cmvn: GlobalCMVN | None = None
+
+    # ------------------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.config.cmvn_path and self.cmvn is None:
+            self.cmvn = GlobalCMVN.load(self.config.cmvn_path)
 
     def _collate(self) -> Callable[[list[dict]], dict]:
         return collate_asr
@@ -168,21 +207,3 @@ class ASRDataModule(L.LightningDataModule):
             rank=rank,
             world_size=world_size,
         )
-
-    def make_loader(self, split: str) -> DataLoader:
-        cfg = self.config
-        kwargs: dict[str, Any] = {}
-        if cfg.num_workers > 0:
-            kwargs.update(persistent_workers=True, prefetch_factor=cfg.prefetch_factor)
-        return DataLoader(
-            self.make_dataset(split), batch_size=None, num_workers=cfg.num_workers, pin_memory=cfg.pin_memory, **kwargs
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self.make_loader("train")
-
-    def val_dataloader(self) -> DataLoader:
-        return self.make_loader("dev")
-
-    def test_dataloader(self) -> DataLoader:
-        return self.make_loader("test")

@@ -22,7 +22,7 @@ import os
 import re
 import shutil
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -199,7 +199,22 @@ def write_shards(
     Returns the index: ``{"shards": [{"path", "num_samples", "hours"}], "num_samples", "hours",
     "speakers" (count), "speaker_ids", "languages", "kinds", "parts": {prefix: {...}}}``.
     """
-    root, out_dir = Path(root), Path(out_dir)
+    root = Path(root)
+    return _transaction(
+        out_dir,
+        prefix,
+        lambda stage: _write_staged(
+            records, root, stage, prefix, max_shard_bytes, max_shard_samples, total, progress, strict
+        ),
+    )
+
+
+def _transaction(
+    out_dir: str | os.PathLike, prefix: str, write_staged: Callable[[Path], tuple[list[dict], dict]]
+) -> dict:
+    """Run `write_staged(staging dir) -> (shards, part)`, then merge and commit the index (see
+    :func:`write_shards`: old shards stay until every sample is written; temporaries are removed)."""
+    out_dir = Path(out_dir)
     if not prefix or "/" in prefix or "." in prefix:
         raise ValueError(f"shard prefix must be a non-empty name without '/' or '.', got {prefix!r}")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -207,9 +222,7 @@ def write_shards(
     stage = _staging_dir(out_dir, prefix)
     stage.mkdir()
     try:
-        shards, part = _write_staged(
-            records, root, stage, prefix, max_shard_bytes, max_shard_samples, total, progress, strict
-        )
+        shards, part = write_staged(stage)
         index = _merge_index(out_dir, prefix, shards, part)
         staged_index = stage / INDEX_NAME
         staged_index.write_text(json.dumps(index, indent=1, ensure_ascii=False) + "\n")
@@ -357,7 +370,7 @@ def rewrite_shards(
     src: Iterable[dict],
     out_dir: str | os.PathLike,
     prefix: str,
-    transform,
+    transform: Callable[[dict], dict | None],
     *,
     total: int | None = None,
     progress: bool = True,
@@ -370,31 +383,29 @@ def rewrite_shards(
     Transactional like :func:`write_shards` (staging directory, then commit) and writes the
     same ``index.json`` (hours from each sample's JSON ``duration``).
     """
-    out_dir = Path(out_dir)
-    if not prefix or "/" in prefix or "." in prefix:
-        raise ValueError(f"shard prefix must be a non-empty name without '/' or '.', got {prefix!r}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stray_temporaries(out_dir, prefix)
-    stage = _staging_dir(out_dir, prefix)
-    stage.mkdir()
-    sink = _ShardSink(stage, prefix, DEFAULT_MAX_SHARD_BYTES, DEFAULT_MAX_SHARD_SAMPLES)
-    speakers: set[str] = set()
-    languages: set[str] = set()
-    skipped: Counter = Counter()
-    try:
-        for raw in tqdm(src, total=total, unit="utt", desc=desc or f"shards {prefix}", disable=not progress):
-            sample = transform(raw)
-            if sample is None:
-                skipped["transform"] += 1
-                continue
-            meta = json.loads(sample["json"])
-            sink.write({k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")},
-                       float(meta.get("duration") or 0.0))  # fmt: skip
-            if meta.get("speaker") is not None:
-                speakers.add(str(meta["speaker"]))
-            if meta.get("language") is not None:
-                languages.add(str(meta["language"]))
-        shards = sink.close()
+
+    def write_staged(stage: Path) -> tuple[list[dict], dict]:
+        sink = _ShardSink(stage, prefix, DEFAULT_MAX_SHARD_BYTES, DEFAULT_MAX_SHARD_SAMPLES)
+        speakers: set[str] = set()
+        languages: set[str] = set()
+        skipped: Counter = Counter()
+        try:
+            for raw in tqdm(src, total=total, unit="utt", desc=desc or f"shards {prefix}", disable=not progress):
+                sample = transform(raw)
+                if sample is None:
+                    skipped["transform"] += 1
+                    continue
+                meta = json.loads(sample["json"])
+                sink.write({k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")},
+                           float(meta.get("duration") or 0.0))  # fmt: skip
+                if meta.get("speaker") is not None:
+                    speakers.add(str(meta["speaker"]))
+                if meta.get("language") is not None:
+                    languages.add(str(meta["language"]))
+            shards = sink.close()
+        except BaseException:
+            sink.abort()
+            raise
         part = {
             "num_samples": sum(sh["num_samples"] for sh in shards),
             "hours": sum(sh["hours"] for sh in shards),
@@ -403,13 +414,6 @@ def rewrite_shards(
             "kinds": ["tts"],
             "skipped": dict(skipped),
         }
-        index = _merge_index(out_dir, prefix, shards, part)
-        staged_index = stage / INDEX_NAME
-        staged_index.write_text(json.dumps(index, indent=1, ensure_ascii=False) + "\n")
-        _commit(out_dir, stage, prefix, [sh["path"] for sh in shards], staged_index)
-    except BaseException:
-        sink.abort()
-        raise
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-    return index
+        return shards, part
+
+    return _transaction(out_dir, prefix, write_staged)

@@ -712,19 +712,22 @@ class ShardDataset(torch.utils.data.IterableDataset):
         yield from pipeline
 
 
+def iter_raw(shards: str | os.PathLike | Sequence[str], counter: SkipCounter | None = None) -> Iterator[dict]:
+    """Single-process, in-order iteration of the raw tar samples (``{"__key__", "json", "flac", ...}``
+    as bytes); unreadable tar members are counted in ``counter``, not raised."""
+    counter = counter if counter is not None else SkipCounter()
+    yield from wds.DataPipeline(
+        wds.SimpleShardList(resolve_shards(shards)), wds.tarfile_to_samples(handler=counter.handle_exception)
+    )
+
+
 def iter_decoded(
     shards: str | os.PathLike | Sequence[str], *, counter: SkipCounter | None = None, duration_tolerance: float = 0.1
 ) -> Iterator[Sample]:
     """Single-process, in-order iteration of decoded samples (16 kHz, see :func:`decode_sample`); for tools."""
     counter = counter if counter is not None else SkipCounter()
-    pipeline = wds.DataPipeline(
-        wds.SimpleShardList(resolve_shards(shards)),
-        wds.tarfile_to_samples(handler=counter.handle_exception),
-        partial(
-            _process_stream, stages=[partial(decode_sample, duration_tolerance=duration_tolerance)], counter=counter
-        ),
-    )
-    yield from pipeline
+    stages = [partial(decode_sample, duration_tolerance=duration_tolerance)]
+    yield from _process_stream(iter_raw(shards, counter), stages=stages, counter=counter)
 
 
 def iter_metadata(shards: str | os.PathLike | Sequence[str]) -> Iterator[tuple[str, dict]]:

@@ -26,12 +26,11 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
 
-import lightning as L
 import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
-from torch.utils.data import DataLoader
 
+from datamodules.asr import ShardDataModule
 from datamodules.audio import OUTPUT_SAMPLE_RATE
 from datamodules.shards import (
     SKIP_BAD_JSON,
@@ -44,10 +43,8 @@ from datamodules.shards import (
     _decode_audio_entry,
     _raw_audio,
     _raw_meta,
-    resolve_shards,
 )
 
-SPLITS = ("train", "dev", "test")
 CODES_MEMBER = "codes.npy"
 PAD_CODE = -1
 
@@ -156,7 +153,7 @@ def collate_codes(batch: list[Sample]) -> dict[str, Any]:
     }
 
 
-class TTSDataModule(L.LightningDataModule):
+class TTSDataModule(ShardDataModule):
     """Streams TTS shards (see the module docstring); node and worker splitting as for ASR."""
 
     def __init__(
@@ -167,27 +164,11 @@ class TTSDataModule(L.LightningDataModule):
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(rank=rank, world_size=world_size)
         if mode not in ("audio", "codes"):
             raise ValueError(f"TTSDataModule mode must be 'audio' or 'codes', got {mode!r}")
         self.config = config if config is not None else TTSDataConfig()
         self.mode = mode
-        self._rank, self._world_size = rank, world_size
-
-    def shards(self, split: str) -> list[str]:
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-        spec = getattr(self.config, f"{split}_shards")
-        if not spec:
-            raise ValueError(f"TTSDataConfig.{split}_shards is not set")
-        return resolve_shards(spec)
-
-    def _node(self) -> tuple[int | None, int | None]:
-        if self._rank is not None:
-            return self._rank, self._world_size
-        if self.trainer is not None:
-            return self.trainer.global_rank, self.trainer.world_size
-        return None, None
 
     def _stages(self, train: bool, rng: np.random.Generator) -> list:
         cfg, audio = self.config, self.mode == "audio"
@@ -233,19 +214,3 @@ class TTSDataModule(L.LightningDataModule):
             world_size=world_size,
             length_fn=length_fn,
         )
-
-    def make_loader(self, split: str) -> DataLoader:
-        cfg = self.config
-        kwargs: dict[str, Any] = {}
-        if cfg.num_workers > 0:
-            kwargs.update(persistent_workers=True, prefetch_factor=cfg.prefetch_factor)
-        return DataLoader(self.make_dataset(split), batch_size=None, num_workers=cfg.num_workers, **kwargs)
-
-    def train_dataloader(self) -> DataLoader:
-        return self.make_loader("train")
-
-    def val_dataloader(self) -> DataLoader:
-        return self.make_loader("dev")
-
-    def test_dataloader(self) -> DataLoader:
-        return self.make_loader("test")

@@ -119,16 +119,12 @@ class Codec(StageModule):
         local, voice = self.encoder(self._pad(wav))
         b, d, t = local.shape
         codes = self.quantizer.codes(local.transpose(1, 2).reshape(-1, d)).view(b, t)
-        gtokens = torch.stack([vq.codes(p) for vq, p in zip(self.global_quantizer.groups, voice.chunk(
-            len(self.global_quantizer.groups), -1))], -1)  # fmt: skip
-        return codes, gtokens
+        return codes, self.global_quantizer.codes(voice)
 
     @torch.no_grad()
     def voice_vector_tokens(self, voices: torch.Tensor) -> torch.Tensor:
         """Global tokens [G] of the mean of several utterances' voice features [N, global_dim]."""
-        mean = voices.mean(0, keepdim=True)
-        parts = mean.chunk(len(self.global_quantizer.groups), -1)
-        return torch.stack([vq.codes(p) for vq, p in zip(self.global_quantizer.groups, parts)], -1)[0]
+        return self.global_quantizer.codes(voices.mean(0, keepdim=True))[0]
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor, global_tokens: torch.Tensor) -> torch.Tensor:

@@ -192,6 +192,10 @@ class GlobalQuantizer(nn.Module):
             torch.stack([loss for _, _, loss in outs]).mean(),
         )
 
+    def codes(self, v: torch.Tensor) -> torch.Tensor:
+        """Voice vectors [B, 128] -> global tokens [B, 8] (nearest codes, no update)."""
+        return torch.stack([vq.codes(p) for vq, p in zip(self.groups, v.chunk(len(self.groups), dim=-1))], -1)
+
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Global tokens [B, 8] -> voice vector [B, 128]."""
         return torch.cat([vq.embed(tokens[..., i]) for i, vq in enumerate(self.groups)], -1)

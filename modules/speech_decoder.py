@@ -80,11 +80,13 @@ def _bidirectional_mask(valid: torch.Tensor) -> torch.Tensor:
     return m
 
 
-def _positions(valid: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
-    """0, 1, 2... over the valid positions of each row (+ start [B]); padding repeats the last."""
-    pos = valid.long().cumsum(1) - 1
-    pos = pos.clamp(min=0)
-    return pos if start is None else pos + start[:, None]
+def _positions(valid: torch.Tensor) -> torch.Tensor:
+    """0, 1, 2... over the valid positions of each row; padding repeats the last."""
+    return (valid.long().cumsum(1) - 1).clamp(min=0)
+
+
+def _stack(cfg: SpeechDecoderConfig, layers: int) -> LayerStack:
+    return LayerStack(layers, cfg.dim, cfg.num_heads, cfg.ffn_dim, cfg.rms_eps, cfg.dropout, cfg.rope_theta)
 
 
 class TextPreNet(nn.Module):
@@ -93,8 +95,7 @@ class TextPreNet(nn.Module):
     def __init__(self, cfg: SpeechDecoderConfig, llm_width: int):
         super().__init__()
         self.text_in = LLMToDecoder(llm_width, cfg.dim, cfg.llm_projection)
-        args = (cfg.dim, cfg.num_heads, cfg.ffn_dim, cfg.rms_eps, cfg.dropout, cfg.rope_theta)
-        self.layers = LayerStack(cfg.pre_net_layers, *args) if cfg.pre_net_layers else None
+        self.layers = _stack(cfg, cfg.pre_net_layers) if cfg.pre_net_layers else None
 
     def forward(self, text: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x, valid = self.text_in(text, valid)
@@ -110,8 +111,7 @@ class PrefixDecoder(nn.Module):
     def __init__(self, cfg: SpeechDecoderConfig, llm_width: int):
         super().__init__()
         self.hidden_in = LLMToDecoder(llm_width, cfg.dim, cfg.llm_projection)
-        args = (cfg.dim, cfg.num_heads, cfg.ffn_dim, cfg.rms_eps, cfg.dropout, cfg.rope_theta)
-        self.layers = LayerStack(cfg.prefix_layers, *args)
+        self.layers = _stack(cfg, cfg.prefix_layers)
 
     def forward(self, hidden: torch.Tensor, valid: torch.Tensor) -> tuple[list[KV], torch.Tensor]:
         x, valid = self.hidden_in(hidden, valid)
@@ -124,8 +124,7 @@ class SharedStack(nn.Module):
 
     def __init__(self, cfg: SpeechDecoderConfig):
         super().__init__()
-        args = (cfg.dim, cfg.num_heads, cfg.ffn_dim, cfg.rms_eps, cfg.dropout, cfg.rope_theta)
-        self.layers = LayerStack(cfg.num_layers, *args)
+        self.layers = _stack(cfg, cfg.num_layers)
         self.norm = RMSNorm(cfg.dim, cfg.rms_eps)
         self.out = nn.Linear(cfg.dim, cfg.codebook_size + 4)
 

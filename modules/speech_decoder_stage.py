@@ -22,7 +22,6 @@ import logging
 
 import numpy as np
 import torch
-import webdataset as wds
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn import functional as F
@@ -30,7 +29,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from datamodules.answer_speech import AnswerSpeechDataModule
-from datamodules.shards import iter_metadata, resolve_shards
+from datamodules.shards import iter_metadata, iter_raw
 from datamodules.tts import CODES_MEMBER, TTSDataModule
 from modules.llm import chat_messages, load_llm
 from modules.speech_decoder import SpeechDecoderConfig, SpeechDecoding
@@ -170,7 +169,7 @@ def load_speech_decoder(cfg: DictConfig, with_prefix: bool = True) -> SpeechDeco
 def tts_codes_by_id(shards: str) -> dict[str, tuple[str, np.ndarray]]:
     """{sample id: (text, codes)} of TTS shards with codec tokens (audio members are not decoded)."""
     out = {}
-    for raw in wds.DataPipeline(wds.SimpleShardList(resolve_shards(shards)), wds.tarfile_to_samples()):
+    for raw in iter_raw(shards):
         if CODES_MEMBER in raw:
             meta = json.loads(raw["json"])
             out[str(meta.get("id", raw["__key__"]))] = (meta["text"], np.load(io.BytesIO(raw[CODES_MEMBER])))

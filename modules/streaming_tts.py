@@ -116,13 +116,11 @@ class TokenFIFO:
 
     def flush(self) -> np.ndarray:
         """The audio of every token not yet emitted (at EOS or the length cap)."""
-        if len(self.tokens) <= self.emitted and self.tail is None:
+        # A window is emitted only once `context` more tokens exist, so after one there is always
+        # a rest to decode (and the cross-fade tail to join it to).
+        if len(self.tokens) <= self.emitted:
             return np.zeros(0, dtype=np.float32)
         start = max(0, self.emitted - self.context)
-        if len(self.tokens) > self.emitted:
-            rest = self._window(start, len(self.tokens), self.emitted, len(self.tokens))
-        else:
-            rest = np.zeros(self.crossfade, dtype=np.float32)[: len(self.tail)]
-        out = self._join(rest, True)
+        out = self._join(self._window(start, len(self.tokens), self.emitted, len(self.tokens)), True)
         self.tokens, self.emitted = [], 0
         return out

@@ -13,12 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import webdataset as wds
 from omegaconf import OmegaConf
 
 import train
 from datamodules.shard_writer import rewrite_shards
-from datamodules.shards import resolve_shards
+from datamodules.shards import iter_raw
 from datamodules.tts import PAD_CODE, TTSDataModule
 from modules.codec import Codec, codec_config, load_codec, si_snr, tts_data_config
 from modules.codec_layers import hop_length
@@ -121,8 +120,7 @@ def test_codec_stage_trains_writes_tokens_and_refuses_another_size(codec_args, t
             n += len(batch["texts"])
     assert n == sum(summary[s]["utterances"] for s in ("train", "dev", "test"))
     # each utterance's tokens are the codec's tokens of its audio (ceil(samples / 600) of them)
-    raw = next(iter(wds.DataPipeline(wds.SimpleShardList(resolve_shards(cfg.data.tts_codes.dev_shards)),
-                                     wds.tarfile_to_samples())))  # fmt: skip
+    raw = next(iter_raw(cfg.data.tts_codes.dev_shards))
     meta = json.loads(raw["json"])
     stored = np.load(io.BytesIO(raw["codes.npy"]))
     assert len(stored) == meta["codec_tokens"] == -(-meta["num_samples"] // 600)
@@ -134,9 +132,7 @@ def test_codec_stage_trains_writes_tokens_and_refuses_another_size(codec_args, t
 
 
 def test_rewrite_shards_drops_and_counts_what_the_transform_refuses(mini_corpus, tmp_path):
-    src = wds.DataPipeline(
-        wds.SimpleShardList(resolve_shards(str(mini_corpus / "shards" / "tts" / "train"))), wds.tarfile_to_samples()
-    )
+    src = iter_raw(str(mini_corpus / "shards" / "tts" / "train"))
     seen = []
 
     def keep_every_other(raw):
@@ -147,7 +143,7 @@ def test_rewrite_shards_drops_and_counts_what_the_transform_refuses(mini_corpus,
     assert index["num_samples"] == len(seen) // 2 and index["parts"]["tts-train"]["skipped"] == {
         "transform": len(seen) - len(seen) // 2
     }
-    out = list(wds.DataPipeline(wds.SimpleShardList(resolve_shards(str(tmp_path / "out"))), wds.tarfile_to_samples()))
+    out = list(iter_raw(str(tmp_path / "out")))
     assert [r["__key__"] for r in out] == seen[1::2] and all(r["extra.txt"] == b"x" for r in out)
 
 

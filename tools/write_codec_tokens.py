@@ -21,12 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
 from omegaconf import DictConfig
 
 from datamodules.audio import load_audio, resample
 from datamodules.shard_writer import rewrite_shards
-from datamodules.shards import SkipCounter, resolve_shards
+from datamodules.shards import SkipCounter, iter_raw
 from modules.codec import STAGE, Codec, load_codec
 from modules.config import load_config, run_cli, run_dir
 from modules.training import apply_num_threads
@@ -34,12 +33,6 @@ from modules.training import apply_num_threads
 log = logging.getLogger(__name__)
 SPLITS = ("train", "dev", "test")
 VOICE_FILE = "assistant_voice.json"
-
-
-def raw_samples(shards: str, counter: SkipCounter):
-    return wds.DataPipeline(
-        wds.SimpleShardList(resolve_shards(shards)), wds.tarfile_to_samples(handler=counter.handle_exception)
-    )
 
 
 def audio_tensor(raw: dict, rate: int) -> torch.Tensor:
@@ -51,7 +44,7 @@ def audio_tensor(raw: dict, rate: int) -> torch.Tensor:
 def assistant_voice_tokens(codec: Codec, shards: str, n: int) -> list[int]:
     """Global tokens of the mean voice feature over the first `n` utterances of `shards`."""
     feats = []
-    for raw in raw_samples(shards, SkipCounter()):
+    for raw in iter_raw(shards):
         _, voice = codec.encoder(codec._pad(audio_tensor(raw, codec.codec_cfg.sample_rate)))
         feats.append(voice)
         if len(feats) >= n:
@@ -91,7 +84,7 @@ def write_codec_tokens(cfg: DictConfig, voice_utterances: int = 64, progress: bo
         index_file = Path(src) / "index.json"
         total = json.loads(index_file.read_text())["num_samples"] if index_file.is_file() else None
         index = rewrite_shards(
-            raw_samples(src, counter), out, f"tts-{split}", add_codes, total=total, progress=progress,
+            iter_raw(src, counter), out, f"tts-{split}", add_codes, total=total, progress=progress,
             desc=f"codec tokens {split}",
         )  # fmt: skip
         summary[split] = {"utterances": index["num_samples"], "hours": round(index["hours"], 3),
