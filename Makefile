@@ -6,7 +6,7 @@ EXP     ?= tiny
 CORPUS  ?= data/tiny
 PYTEST_ARGS ?=
 
-.PHONY: help setup corpus demo demo-input demo-llm demo-ctc-main demo-ctc-dynamic demo-align-main demo-align-dynamic demo-prompt demo-eval-asr demo-eval-qa demo-eval demo-output demo-codec demo-tokens demo-answers demo-decoder-main demo-decoder-nopre demo-prefix-main demo-prefix-nopre demo-eval-codec demo-eval-output test bench bench-data bench-llm bench-input bench-output lint format clean
+.PHONY: help setup corpus demo demo-all demo-input demo-llm demo-ctc-main demo-ctc-dynamic demo-align-main demo-align-dynamic demo-prompt demo-eval-asr demo-eval-qa demo-eval demo-output demo-codec demo-tokens demo-answers demo-decoder-main demo-decoder-nopre demo-prefix-main demo-prefix-nopre demo-eval-codec demo-eval-output test bench bench-data bench-llm bench-input bench-output lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -23,17 +23,21 @@ $(VENV)/.installed: pyproject.toml
 corpus: setup ## synthesize the tiny eSpeak corpus, write its shards and CMVN stats
 	$(PY) -m tools.prepare_corpus --out $(CORPUS)
 
-demo: corpus ## the embedded default, cut to 30 min (experiment=demo): stand-in LLM, speech-input stages, Tables 1 and 3
-	$(MAKE) -j2 EXP=$(DEMO_EXP) demo-eval
+demo: corpus ## the embedded default, cut to 30 min (experiment=demo): both sides of the chain, Tables 1, 3 and 2
+	$(MAKE) -j2 EXP=$(DEMO_EXP) ASR_RUNS=demo-align-main DECODER_RUNS=demo-prefix-main demo-all
 
 # The demo is a graph of 1-thread runs that make -j2 schedules on two cores: the stand-in LLM
-# trains beside the chunk-4 and then the dynamic-chunk encoder (stage 1 needs no LLM); each
-# stage-2 run starts when both its inputs exist; the two evaluations run side by side. Two
+# trains on one core while the stage-1 encoder (the judge of both sides; it needs no LLM) and
+# then the codec and its tokens train on the other; the LLM's answers, the stage-2/3 runs and
+# the decoder stages start when their inputs exist; the evaluations run side by side. Two
 # 1-thread runs do more work than one 2-thread run (e.g. 1.6 vs 2.4 steps/s for stage 1).
-# `make demo` runs experiment=demo (the tiny recipe cut to 30 min), `make demo-input` the full
-# tiny recipe. In both the dynamic-chunk encoder continues from the chunk-4 one for 300 steps
-# (DYN_INIT; DYN_INIT= trains it from scratch with the stage-1 schedule).
+# `make demo` runs experiment=demo (the tiny recipe cut to 30 min, one chain per side),
+# `make demo-input` / `make demo-output` the full tiny recipe of each side with both chains
+# (ASR_RUNS, DECODER_RUNS). In the full recipe the dynamic-chunk encoder continues from the
+# chunk-4 one for 300 steps (DYN_INIT; DYN_INIT= trains it from scratch with the stage-1 schedule).
 DEMO_EXP ?= demo
+ASR_RUNS ?= demo-align-main demo-align-dynamic
+DECODER_RUNS ?= demo-prefix-main demo-prefix-nopre
 DYN_INIT ?= stage.init_from=[input_1_ctc@] trainer.max_steps=300 optim.warmup_steps=30
 RUN1 := $(PY) train.py experiment=$(EXP) trainer.num_threads=1
 DYN  := stage.variant=dynamic encoder.dynamic_chunk=true
@@ -48,9 +52,9 @@ demo-align-main: setup | demo-llm demo-ctc-main
 	$(RUN1) stage=input_2_align
 demo-align-dynamic: setup | demo-llm demo-ctc-dynamic
 	$(RUN1) stage=input_2_align $(DYN)
-demo-prompt: setup | demo-align-main
+demo-prompt: setup | demo-align-main demo-answers
 	$(RUN1) stage=input_3_prompt
-demo-eval-asr: setup | demo-align-main demo-align-dynamic
+demo-eval-asr: setup | $(ASR_RUNS)
 	$(PY) infer.py eval_asr experiment=$(EXP) trainer.num_threads=1
 demo-eval-qa: setup | demo-prompt
 	$(PY) infer.py eval_spoken_qa experiment=$(EXP) trainer.num_threads=1
@@ -80,9 +84,11 @@ demo-prefix-nopre: setup | demo-decoder-nopre demo-answers
 	$(RUN1) stage=output_3_prefix $(NOPRE)
 demo-eval-codec: setup | demo-codec demo-ctc-main
 	$(PY) infer.py eval_codec experiment=$(EXP) trainer.num_threads=1
-demo-eval-output: setup | demo-prefix-main demo-prefix-nopre demo-ctc-main demo-eval-codec
+demo-eval-output: setup | $(DECODER_RUNS) demo-ctc-main demo-eval-codec
 	$(PY) infer.py eval_speech_output experiment=$(EXP) trainer.num_threads=1
 	@cat runs/$(EXP)/eval/codec.md runs/$(EXP)/eval/speech_output.md
+
+demo-all: demo-eval demo-eval-output
 
 demo-output: setup ## the tiny recipe of the speech-output stages (needs the corpus): codec report and Table 2
 	$(MAKE) -j2 demo-eval-output

@@ -69,6 +69,9 @@ class TTSDataConfig:
     epoch_batches: int | None = None
     seed: int = 1234
     prefetch_factor: int = 2
+    # Only the first N utterances of each split get codec tokens (tools.write_codec_tokens), and
+    # output_3_prefix trains on the first N answers of each split; 0 = all. `make demo` cuts here.
+    limit: int = 0
 
 
 def decode_tts_sample(

@@ -114,6 +114,8 @@ class EvalConfig:
     variants: list[str] = field(default_factory=lambda: ["", "dynamic"])
     # Table 2: replies of the LLM to the test questions that the decoder speaks, and its top-k values
     speech_output_turns: int = 100
+    # Decoder chains in Table 2: "" = the main one (with the pre-network), "nopre" = without it.
+    decoder_variants: list[str] = field(default_factory=lambda: ["nopre", ""])
     top_ks: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
 
 

@@ -183,7 +183,10 @@ def answer_examples(cfg: DictConfig, split: str, codec=None) -> tuple[list[dict]
     replies = read_llm_answers(cfg, split)
     known = tts_codes_by_id(cfg.data.tts_codes[f"{split}_shards"])
     examples, to_speak, empty, unspeakable = [], [], 0, 0
+    limit = cfg.data.tts_codes.limit or float("inf")
     for key, meta in iter_metadata(cfg.data.spoken_qa[f"{split}_shards"]):
+        if len(examples) + len(to_speak) >= limit:
+            break
         did = str(meta.get("id", key))
         history: list[tuple[str, str]] = []
         for k, (turn, reply) in enumerate(zip(meta["turns"], replies.get(key, []))):
@@ -191,6 +194,8 @@ def answer_examples(cfg: DictConfig, split: str, codec=None) -> tuple[list[dict]
             if not reply.strip():  # nothing to speak (the LLM ended its turn at once)
                 empty += 1
                 continue
+            if len(examples) + len(to_speak) >= limit:
+                break
             ex = {"id": f"{did}-t{k}", "messages": chat_messages(history[:-1], turn["question"]), "text": reply}
             ref = known.get(f"tts-{did}-t{k}")
             if ref is not None and ref[0] == reply:

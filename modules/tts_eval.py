@@ -110,6 +110,8 @@ def evaluate_speech_output(cfg: DictConfig) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, missing = [], []
     for label, variant, prefix in ROWS:
+        if variant not in cfg.eval.decoder_variants:
+            continue
         vcfg = cfg.copy()
         OmegaConf.update(vcfg, "stage.variant", variant)
         if variant == "nopre":

@@ -124,6 +124,12 @@ def test_codec_stage_trains_writes_tokens_and_refuses_another_size(codec_args, t
     meta = json.loads(raw["json"])
     stored = np.load(io.BytesIO(raw["codes.npy"]))
     assert len(stored) == meta["codec_tokens"] == -(-meta["num_samples"] // 600)
+    # data.tts_codes.limit encodes the first N utterances per split; a null folder skips a split
+    cut = load_config(
+        ["stage=output_1_codec", *codec_args, "data.tts_codes.limit=2", "data.tts_codes.test_shards=null"]
+    )
+    small = write_codec_tokens(cut, voice_utterances=4, progress=False)
+    assert small["train"]["utterances"] == small["dev"]["utterances"] == 2 and "test" not in small
 
     with pytest.raises(ValueError, match=r"quantizer.codebook: output_1_codec saved \(64, 32\), this model has"):
         load_codec(load_config(["stage=output_1_codec", *codec_args, "codec.codebook_size=128"]))
@@ -286,6 +292,8 @@ def test_decoder_stages_train_the_declared_parts(decoder_args):
     assert stats["examples"] == len(examples) > 0 and all(len(e["codes"]) > 0 for e in examples)
     assert stats["skipped_empty"] == 1 and stats["spoken"] > 0 and stats["from_tts_shards"] > 0
     spoken = next(e for e in examples if e["text"].endswith("Indeed."))
+    cut, _ = answer_examples(load_config(["stage=output_3_prefix", *decoder_args, "data.tts_codes.limit=3"]), "train")
+    assert len(cut) == 3 and {e["id"] for e in cut} <= {e["id"] for e in examples}
     assert spoken["messages"][-1]["role"] == "user" and len(spoken["codes"]) > 10
     m3 = build(cfg3)
     loaded = load_stage_outputs(cfg3, m3)
@@ -341,6 +349,8 @@ def test_table2_and_codec_report_run_on_the_trained_chain(decoder_args, monkeypa
     assert result["replies"] == 3 and result["floor_wer"] >= 0 and np.isfinite(result["codec_resynthesis_wer"])
     assert [(r["variant"], r["prefix"]) for r in result["rows"]] == [("", False), ("", True)]
     assert len(result["missing"]) == 2 and all("nopre" in m for m in result["missing"])
+    OmegaConf.update(cfg, "eval.decoder_variants", [""])  # experiment=demo: the main chain only, no warning
+    assert tts_eval.evaluate_speech_output(cfg)["missing"] == []
     assert all(set(r["wer"]) == {"1", "2"} for r in result["rows"])
     out = Path(cfg.run_root) / cfg.experiment / "eval"
     assert (out / "speech_output.md").is_file() and list((out / "speech_output").glob("*-espeak.wav"))

@@ -7,13 +7,15 @@ trained codec, and writes new shards to the folders of `data.tts_codes` with the
 plus `<key>.codes.npy` (int16 tokens [T], 40 Hz) and, in the JSON, `global_tokens`: the
 assistant voice's 8 global tokens (the voice vector of the mean voice feature of up to
 `--voice-utterances` training utterances, as the release hard-codes one voice) and
-`codec_tokens` (T). Also writes `<output_1_codec run>/assistant_voice.json` with those tokens.
+`codec_tokens` (T). `data.tts_codes.limit` N > 0 encodes only the first N utterances of each
+split (`make demo`); a split whose `data.tts_codes` folder is null is left out. Also writes `<output_1_codec run>/assistant_voice.json` with those tokens.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import logging
 import sys
@@ -75,6 +77,7 @@ def write_codec_tokens(cfg: DictConfig, voice_utterances: int = 64, progress: bo
         meta.update(global_tokens=voice, codec_tokens=int(codes.shape[1]))
         return {**raw, "json": json.dumps(meta, ensure_ascii=False).encode(), "codes.npy": buf.getvalue()}
 
+    limit = cfg.data.tts_codes.limit
     for split in SPLITS:
         src = cfg.data.tts[f"{split}_shards"]
         out = cfg.data.tts_codes[f"{split}_shards"]
@@ -83,8 +86,11 @@ def write_codec_tokens(cfg: DictConfig, voice_utterances: int = 64, progress: bo
         counter = SkipCounter()
         index_file = Path(src) / "index.json"
         total = json.loads(index_file.read_text())["num_samples"] if index_file.is_file() else None
+        samples = iter_raw(src, counter)
+        if limit:
+            samples, total = itertools.islice(samples, limit), min(total or limit, limit)
         index = rewrite_shards(
-            iter_raw(src, counter), out, f"tts-{split}", add_codes, total=total, progress=progress,
+            samples, out, f"tts-{split}", add_codes, total=total, progress=progress,
             desc=f"codec tokens {split}",
         )  # fmt: skip
         summary[split] = {"utterances": index["num_samples"], "hours": round(index["hours"], 3),
