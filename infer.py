@@ -11,6 +11,9 @@ python infer.py eval_spoken_qa experiment=tiny [eval.limit=N]
     text. Writes runs/<exp>/eval/spoken_qa.{json,md}.
 python infer.py eval_input experiment=tiny
     Both tables.
+python infer.py eval_state experiment=tiny [eval.limit=N]
+    state classifier (stage input_4_state) on the test turns: precision/recall, endpoint delay,
+    false answers -> runs/<exp>/eval/state.{md,json}
 python infer.py eval_codec experiment=tiny [eval.limit=N]
     The codec's reconstructions of the TTS test split: log-mel distance, SI-SNR, codebook use,
     and the CTC judge's WER on original vs reconstructed audio. Writes runs/<exp>/eval/codec.{json,md}.
@@ -63,6 +66,12 @@ def eval_input(argv: list[str]) -> dict:
     return {"asr": eval_asr(argv), "spoken_qa": eval_spoken_qa(argv)}
 
 
+def eval_state(argv: list[str]) -> dict:
+    from modules.state_classifier import evaluate_state
+
+    return evaluate_state(_threads(load_config(argv, stage="input_4_state")))
+
+
 def eval_codec(argv: list[str]) -> dict:
     from modules.codec import report_codec
 
@@ -80,6 +89,7 @@ COMMANDS = {
     "eval_asr": eval_asr,
     "eval_spoken_qa": eval_spoken_qa,
     "eval_input": eval_input,
+    "eval_state": eval_state,
     "eval_codec": eval_codec,
     "eval_speech_output": eval_speech_output,
 }

@@ -22,6 +22,7 @@ STAGES = {
     "input_1_ctc": "modules.ctc",
     "input_2_align": "modules.speech_llm",
     "input_3_prompt": "modules.speech_llm",
+    "input_4_state": "modules.state_classifier",
     "output_1_codec": "modules.codec",
     "output_2_decoder": "modules.speech_decoder_stage",
     "output_3_prefix": "modules.speech_decoder_stage",

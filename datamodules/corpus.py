@@ -1,10 +1,10 @@
 """Where the synthetic corpus lives and how big it is (the `corpus:` config block).
 
 Layout under `root` (made by `python -m tools.prepare_corpus`):
-    audio/{asr,qa}/<split>/*.flac         source-rate audio (22.05 kHz eSpeak NG)
+    audio/{asr,qa,turns}/<split>/*.flac   source-rate audio (22.05 kHz eSpeak NG)
     audio/tts/<split>/*.flac              the assistant voice at the codec's 24 kHz
-    manifests/{asr,qa,tts}_<split>.jsonl  one line per utterance / dialogue
-    shards/{asr,qa,tts}/<split>/*.tar + index.json   WebDataset shards written from the manifests
+    manifests/{asr,qa,tts,turns}_<split>.jsonl  one line per utterance / dialogue / user turn
+    shards/{asr,qa,tts,turns}/<split>/*.tar + index.json   WebDataset shards written from the manifests
     cmvn.json                             global CMVN of the ASR training fbank
     corpus_stats.json                     utterances, hours and voices per split
 """
@@ -18,9 +18,9 @@ from datamodules.qa import DEFAULT_SPLIT_SIZES
 
 # Bump when the corpus content changes for the same seed (templates, answers, voices), so
 # `tools.prepare_corpus` rebuilds corpora made by older code.
-CORPUS_VERSION = 8  # 8: the TTS split (assistant voice, 24 kHz)
+CORPUS_VERSION = 9  # 8: the TTS split (assistant voice, 24 kHz); 9: the turns split (state classifier)
 SPLITS = ("train", "dev", "test")
-KINDS = ("asr", "qa", "tts")
+KINDS = ("asr", "qa", "tts", "turns")
 
 
 @dataclass
@@ -31,6 +31,7 @@ class CorpusConfig:
     seed: int = 1234
     n_asr: int = 3000  # ASR utterances over all splits
     n_tts: int = 1500  # TTS sentences over all splits (the QA answers come on top)
+    n_turns: int = 2600  # user turns for the state classifier over all splits
     qa_dialogues: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_SPLIT_SIZES))
     workers: int = 2
     shard_max_mb: int = 64

@@ -31,6 +31,7 @@ from datamodules.corpus import CorpusConfig
 from datamodules.spoken_qa import SpokenQADataConfig
 from datamodules.text_qa import TextQADataConfig
 from datamodules.tts import TTSDataConfig
+from datamodules.turns import TurnsDataConfig
 from modules.adapter import AdapterConfig
 from modules.codec_layers import CodecConfig
 from modules.embeddings import SpeechLLMConfig
@@ -103,6 +104,7 @@ class DataConfig:
     tts: TTSDataConfig = field(default_factory=TTSDataConfig)
     # The TTS shards with codec tokens (tools.write_codec_tokens writes them after output_1_codec).
     tts_codes: TTSDataConfig = field(default_factory=TTSDataConfig)
+    turns: TurnsDataConfig = field(default_factory=TurnsDataConfig)  # user turns for the state classifier
 
 
 @dataclass

@@ -35,6 +35,10 @@ class SpeechLLMConfig:
     # Stage input_3_prompt targets: the frozen LLM's own answers to the text questions,
     # generated once (tools.make_llm_answers) and cached here.
     answers_dir: str = "${run_root}/${experiment}/llm_answers"
+    # The state classifier's rule (stage input_4_state): drop the turn when P(drop) exceeds
+    # state_drop_threshold, else answer when P(answer) exceeds state_answer_threshold.
+    state_answer_threshold: float = 0.5
+    state_drop_threshold: float = 0.5
 
 
 def _init_like(weight: torch.Tensor, reference: torch.Tensor | None) -> None:

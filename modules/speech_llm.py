@@ -38,6 +38,7 @@ from datamodules.features import StreamingFbank
 from datamodules.spoken_qa import SpokenQADataModule
 from datamodules.text_qa import IGNORE_INDEX
 from datamodules.transcripts import LLMTokenUnits
+from datamodules.turns import IGNORE
 from modules.adapter import AdapterState, SpeechAdapter
 from modules.ctc import CTCUnits, Decoder, ctc_loss, encoder_data_config, evaluate_wer, units_from_json
 from modules.embeddings import PromptEmbedding, SpeechSpecials
@@ -55,7 +56,8 @@ from modules.training import (
 
 log = logging.getLogger(__name__)
 
-ALIGN, PROMPT = "input_2_align", "input_3_prompt"
+ALIGN, PROMPT, STATE = "input_2_align", "input_3_prompt", "input_4_state"
+NUM_STATES = 4  # the state head's outputs: listen, answer, drop and an ignored fourth (as the release)
 CHUNK_SAMPLES = 2560  # the streaming chunk: 160 ms of 16 kHz audio
 
 
@@ -127,6 +129,8 @@ class SpeechLLM(StageModule):
         self.adapter = SpeechAdapter(OmegaConf.to_object(cfg.adapter), self.encoder.output_dim, width, num_units)
         self.specials = SpeechSpecials(width, reference)
         self.prompt = PromptEmbedding(cfg.speech_llm.prompt_num, width, reference)
+        # The chunk-level state classifier on the LLM's last hidden state (stage input_4_state).
+        self.state_head = nn.Linear(width, NUM_STATES)
         self.llm = llm
         self.instruction = tokenizer(cfg.speech_llm.align_instruction, add_special_tokens=False)["input_ids"]
 
@@ -136,12 +140,13 @@ class SpeechLLM(StageModule):
             "adapter": self.adapter,
             "specials": self.specials,
             "prompt": self.prompt,
+            "state_head": self.state_head,
             "llm": self.llm,
         }
 
     @property
     def task(self) -> str:
-        return PROMPT if self.cfg.stage.name == PROMPT else ALIGN
+        return self.cfg.stage.name if self.cfg.stage.name in (PROMPT, STATE) else ALIGN
 
     # --- building sequences -------------------------------------------------------------------
     def embed_ids(self, ids: list[int]) -> torch.Tensor:
@@ -250,7 +255,30 @@ class SpeechLLM(StageModule):
             loss = loss + weight * self.embedding_ctc_loss(speech, lens, batch["texts"])
         return loss, acc, len(dialogues)
 
+    def state_probs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """P(listen, answer, drop) [..., 3] from LLM last hidden states [..., D]: a softmax over the
+        head's first three logits (the fourth is ignored, as in the release)."""
+        return self.state_head(hidden.to(self.state_head.weight.dtype))[..., :IGNORE].float().softmax(-1)
+
+    def state_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Stage input_4_state: CE of the head on recorded chunk-end states [N, D] (IGNORE labels
+        masked), accuracy over the three states, and the number of labelled chunks."""
+        logits = self.state_head(batch["hidden"])
+        labels = batch["labels"]
+        loss = nn.functional.cross_entropy(logits.float(), labels, ignore_index=IGNORE)
+        valid = labels != IGNORE
+        acc = ((logits[:, :IGNORE].argmax(-1) == labels) & valid).sum() / valid.sum().clamp(min=1)
+        return loss, acc, int(valid.sum())
+
+    def _state_step(self, batch: dict, split: str) -> torch.Tensor:
+        loss, acc, n = self.state_loss(batch)
+        self.log(f"{split}/loss", loss, prog_bar=True, batch_size=n)
+        self.log(f"{split}/state_acc", acc, prog_bar=split == "val", batch_size=n)
+        return loss
+
     def training_step(self, batch, batch_idx):
+        if self.task == STATE:
+            return self._state_step(batch, "train")
         loss, acc, n = self._step(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         self.log("train/token_acc", acc, batch_size=n)
@@ -259,6 +287,8 @@ class SpeechLLM(StageModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
+        if self.task == STATE:
+            return self._state_step(batch, "val")
         loss, acc, n = self._step(batch)
         self.log("val/loss", loss, prog_bar=True, batch_size=n)
         self.log("val/token_acc", acc, prog_bar=True, batch_size=n)

@@ -145,6 +145,16 @@ def evaluate_speech_output(cfg: DictConfig) -> dict:
         f"Floor (the replies spoken by eSpeak in the assistant voice): {100 * floor:.1f}%; "
         f"through the codec (encode + decode): {100 * codec_wer:.1f}%; best row {100 * best:.1f}% "
         f"= {best / max(floor, 1e-9):.2f} x the floor (target <= 2).",
+        *(
+            [
+                "",
+                f"The codec's own resynthesis is {100 * codec_wer:.0f}% WER: the judge hears no words in this "
+                "codec's audio yet, so the rows say nothing about the decoder (train the codec longer: "
+                "`make demo-output`).",
+            ]
+            if codec_wer >= 0.9
+            else []
+        ),
         "",
         "| decoder | " + " | ".join(f"top-k {k}" for k in top_ks) + " |",
         "|---|" + "---|" * len(top_ks),

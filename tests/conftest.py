@@ -22,7 +22,14 @@ MINI_QA = {"train": 8, "dev": 3, "test": 3}
 def mini_corpus(tmp_path_factory):
     out = tmp_path_factory.mktemp("corpus")
     prepare_corpus(
-        out, seed=5, n_asr=30, n_tts=20, workers=1, progress=False, qa_builder=lambda s: build_qa_splits(s, MINI_QA)
+        out,
+        seed=5,
+        n_asr=30,
+        n_tts=20,
+        n_turns=30,
+        workers=1,
+        progress=False,
+        qa_builder=lambda s: build_qa_splits(s, MINI_QA),
     )
     return out
 

@@ -137,7 +137,7 @@ def test_make_corpus_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setitem(sys.modules, "datamodules.qa", fake_module)
 
     out1 = tmp_path / "c1"
-    stats = make_corpus(out1, seed=11, n_asr=20, n_tts=10, workers=2, progress=False)
+    stats = make_corpus(out1, seed=11, n_asr=20, n_tts=10, n_turns=20, workers=2, progress=False)
     assert stats["asr"]["train"]["utterances"] == 16 + 3  # + the 3 spoken questions of qa_train
     assert stats["asr"]["dev"]["utterances"] == 2 and stats["asr"]["test"]["utterances"] == 2
     assert stats["qa"]["test"]["utterances"] == 3
@@ -182,9 +182,27 @@ def test_make_corpus_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
             assert info.samplerate == r["sample_rate"] == 24000
             assert abs(info.frames / info.samplerate - r["duration"]) < 1e-3
 
+    # Turns (state classifier): 16/2/2 in the split's voices; questions come from the split's QA
+    # dialogues; the pause of a paused question separates two sounds by at least 0.3 s.
+    kinds = set()
+    for split, n in (("train", 16), ("dev", 2), ("test", 2)):
+        rows = [json.loads(line) for line in (out1 / "manifests" / f"turns_{split}.jsonl").read_text().splitlines()]
+        assert len(rows) == n == stats["turns"][split]["utterances"]
+        split_questions = {t["question"] for d in _fake_qa_splits(11)[split] for t in d["turns"]}
+        for r in rows:
+            kinds.add(r["kind"])
+            assert r["speaker"] in split_voices[split] and r["label"] == (1 if "question" in r["kind"] else 2)
+            assert r["sounds"] and 0 < r["end"] == r["sounds"][-1][1] and r["duration"] - r["end"] >= 1.25
+            assert abs(sf.info(str(out1 / r["audio"])).frames / 22050 - r["duration"]) < 1e-3
+            if r["kind"] == "question":
+                assert r["text"] in split_questions
+            if r["kind"] == "paused_question":
+                assert len(r["sounds"]) >= 2 and max(b[0] - a[1] for a, b in zip(r["sounds"], r["sounds"][1:])) >= 0.3
+    assert {"question", "paused_question", "noise", "not_addressed"} <= kinds
+
     # Same seed, other worker count, explicit QA builder: byte-identical manifests.
     out2 = tmp_path / "c2"
-    make_corpus(out2, seed=11, n_asr=20, n_tts=10, workers=1, qa_builder=_fake_qa_splits, progress=False)
+    make_corpus(out2, seed=11, n_asr=20, n_tts=10, n_turns=20, workers=1, qa_builder=_fake_qa_splits, progress=False)
     assert _read_manifests(out1) == _read_manifests(out2)
     assert (out1 / "corpus_stats.json").read_bytes() == (out2 / "corpus_stats.json").read_bytes()
 
@@ -194,6 +212,7 @@ def test_make_corpus_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
         seed=11,
         n_asr=20,
         n_tts=10,
+        n_turns=0,
         workers=1,
         qa_builder=_fake_qa_splits,
         questions_in_asr=False,

@@ -1,4 +1,4 @@
-"""Stages input_1_ctc, input_2_align and input_3_prompt on a miniature corpus and LLM.
+"""Stages input_1_ctc, input_2_align, input_3_prompt and input_4_state on a miniature corpus and LLM.
 
 For every stage: after a training step the frozen parameters are bit-identical and every
 trainable one received a gradient; the trainable key set is exactly the declared one; the
@@ -13,11 +13,13 @@ import torch
 import train
 from datamodules.asr import ASRDataModule
 from datamodules.spoken_qa import SpokenQADataModule
+from datamodules.turns import ANSWER, DROP, LISTEN
 from modules.asr_eval import evaluate_asr
 from modules.config import load_config, run_dir
 from modules.ctc import EncoderCTC, encoder_data_config, make_units
 from modules.speech_llm import ChatLayout, StreamingInput, Turn, build, read_llm_answers
 from modules.spoken_qa_eval import evaluate_spoken_qa
+from modules.state_classifier import ChunkStates, chunk_states, decide, decision_times, evaluate_state, record_turns
 from modules.training import load_stage_outputs, make_optimizer, read_checkpoint
 from tools.make_llm_answers import ensure_llm_answers, read_dialogues
 
@@ -25,6 +27,7 @@ DECLARED = {
     "input_1_ctc": {"encoder", "ctc_head"},
     "input_2_align": {"encoder", "adapter", "specials"},
     "input_3_prompt": {"prompt"},
+    "input_4_state": {"state_head"},
 }
 
 
@@ -51,6 +54,8 @@ def _step(module, batch):
     # training_step without a Trainer (self.log needs one): the loss it would log.
     if isinstance(module, EncoderCTC):
         return module._loss(batch)[0]
+    if "hidden" in batch:  # input_4_state: recorded LLM states
+        return module.state_loss(batch)[0]
     return module._step(batch)[0]
 
 
@@ -120,6 +125,26 @@ def test_speech_input_stage_chain(speech_args):
     metrics = train.main(["stage=input_3_prompt", *speech_args])
     assert metrics["train_steps"] == 2
     assert _saved_components(cfg3) == DECLARED["input_3_prompt"]
+
+    # --- stage 4: the state head on the LLM's recorded chunk-end states ----------------------------
+    cfg4 = load_config(["stage=input_4_state", *speech_args])
+    assert set(cfg4.stage.trainable) == DECLARED["input_4_state"]
+    m4 = build(cfg4)
+    assert {k.split(".")[0] for k in load_stage_outputs(cfg4, m4)} == DECLARED["input_2_align"] | {"prompt"}
+    m4.apply_freezing(list(cfg4.stage.trainable))
+    rec = record_turns(m4.eval(), cfg4.data.turns.train_shards, limit=5, batch=2)
+    assert len(rec["turns"]) == 5 and rec["skipped"] == {}
+    for t in rec["turns"]:  # one state and one label per 160 ms chunk; listen until the end of the sound
+        assert len(t["states"]) == len(t["labels"]) >= t["duration"] / 0.16 - 2
+        assert (t["labels"][: int(t["end"] / 0.16)] == LISTEN).all() and t["labels"][-1] == t["label"]
+    states = ChunkStates(rec["turns"], rec["turns"], 64, 0)
+    _check_one_step(m4, next(iter(states.train_dataloader())), DECLARED["input_4_state"])
+    metrics = train.main(["stage=input_4_state", *speech_args])
+    assert metrics["train_steps"] == 2 and metrics["turns"] == {"train": 24, "dev": 3}
+    assert _saved_components(cfg4) == DECLARED["input_4_state"]
+    report = evaluate_state(load_config(["stage=input_4_state", *speech_args]))
+    assert report["turns"] == 3 and len(report["records"]) == 3
+    assert {r["decision"] for r in report["records"]} <= {LISTEN, ANSWER, DROP}
 
     # --- evaluation: Table 1 and Table 3 from the trained chain -----------------------------------
     cfg_eval = load_config(["stage=input_3_prompt", *speech_args, "eval.variants=['',dynamic]"])
@@ -282,3 +307,29 @@ def test_llm_token_units_give_the_lexical_path_the_exact_llm_embeddings(speech_a
     assert (saved / "tokenizer.json").is_file() and not (saved / "config.json").exists()  # tokenizer only, for now
     assert ensure_tokenizer(load_config(["stage=input_1_ctc", *speech_args, f"run_root={tmp_path / 'other'}",
                                          f"llm.path={saved}"])).get_vocab() == other.get_vocab()  # fmt: skip
+
+
+def test_chunk_states_are_the_streaming_paths_last_hidden_states(speech_args):
+    """The state head sees, offline, exactly what the streaming path has after each 160 ms chunk."""
+    model = build(load_config(["stage=input_4_state", *speech_args])).eval()
+    wav = np.random.default_rng(1).standard_normal(11000).astype(np.float32) * 0.1
+    offline = chunk_states(model, [wav, wav[:6000]])
+    assert len(offline[0]) == len(decision_times(model, len(wav) / 16000))
+    stream = StreamingInput(model)
+    state = stream.start()
+    emitted, online = 0, []
+    for i in range(0, len(wav), 2560):
+        emitted += stream.accept_audio(state, wav[i : i + 2560])
+        if emitted and emitted % 2 == 0 and len(online) < emitted // 2:
+            online.append(state.last_hidden.float())
+    assert len(online) >= 3
+    torch.testing.assert_close(torch.stack(online), offline[0][: len(online)], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(offline[1][:2], offline[0][:2], atol=1e-4, rtol=1e-4)  # causal: the prefix agrees
+
+
+def test_state_decision_rule_checks_drop_first():
+    p = torch.tensor([[0.9, 0.05, 0.05], [0.3, 0.6, 0.1], [0.1, 0.3, 0.6]])
+    assert decide(p, 0.5, 0.5) == (ANSWER, 1)
+    assert decide(p[[0, 2]], 0.5, 0.5) == (DROP, 1)
+    assert decide(torch.tensor([[0.2, 0.45, 0.55]]), 0.4, 0.5) == (DROP, 0)  # both fire: state 2 wins
+    assert decide(p[:1], 0.5, 0.5) == (LISTEN, 1)

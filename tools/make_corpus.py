@@ -13,6 +13,10 @@ Layout written under ``--out``::
     manifests/qa_<split>.jsonl           {"id","speaker","language","split","turns":[{..., "audio","duration","sample_rate"}]}
     audio/tts/<split>/<id>.flac          speech output: one text in the fixed assistant voice, at 24 kHz
     manifests/tts_<split>.jsonl          {"id","audio","text","speaker":"assistant","language","duration","sample_rate","split"}
+    audio/turns/<split>/<id>.flac        a user turn for the state classifier (22050 Hz): speech, noise
+                                         and silence pieces (`datamodules.turns`)
+    manifests/turns_<split>.jsonl        {"id","audio","text","kind","label","sounds":[[start_s,end_s],...],
+                                         "end" (end of the last sound, s),"speaker","language","duration",...}
     manifests/voices.json                the voices of each split and the assistant voice
     corpus_stats.json                    utterances, hours and voices per split
 
@@ -26,6 +30,10 @@ and the speech decoder's data, is resampled once to the codec's 24 kHz (`datamod
 The TTS split speaks, in the assistant voice, templated sentences (`--n-tts`, 80/10/10) plus the
 reference answers of the QA dialogues of the same split, so the speech decoder learns the
 answers' words ("counting back from twelve: eleven, ten").
+
+The turns split (`--n-turns`, 80/10/10, in the voices of each split) teaches the state classifier
+when a user turn is over and whether it asks for an answer: questions (some with a pause in the
+middle), backchannels, fillers, noise and statements not addressed to the assistant.
 
 The ASR training manifest also lists the spoken questions of the QA training dialogues (their
 audio, with the question as transcript), as a general-domain ASR corpus covers questions: the
@@ -53,6 +61,7 @@ from tqdm import tqdm
 
 from datamodules.audio import OUTPUT_SAMPLE_RATE, resample
 from datamodules.sentences import generate_sentences
+from datamodules.turns import assemble_turn, plan_turns
 from datamodules.voices import ASSISTANT_VOICE, SPLITS, Voice, build_voices, voices_to_json
 
 # Share of the ASR utterances that go to dev and to test (the rest is train).
@@ -88,22 +97,37 @@ def _synthesize_job(job: Job) -> tuple[str, int, int]:
     audio = _TTS.synthesize(text, Voice.from_dict(voice))
     rate = rate or _TTS.sample_rate
     audio = resample(audio, _TTS.sample_rate, rate)
+    return key, _write_pcm16(path, audio, rate), int(rate)
+
+
+def _write_pcm16(path: str, audio: np.ndarray, rate: int) -> int:
     # eSpeak produces int16 samples; convert back exactly instead of letting libsndfile rescale.
     pcm = np.clip(np.round(audio * 32768.0), -32768, 32767).astype(np.int16)
     sf.write(path, pcm, rate, format="FLAC", subtype="PCM_16")
-    return key, int(pcm.shape[0]), int(rate)
+    return int(pcm.shape[0])
 
 
-def _run_jobs(jobs: Sequence[Job], workers: int, progress: bool) -> dict[str, tuple[int, int]]:
-    """Run all jobs (in a process pool when ``workers > 1``); return ``{key: (n_samples, sr)}``."""
-    results: dict[str, tuple[int, int]] = {}
+def _synthesize_turn_job(job: tuple) -> tuple[str, int, int, list]:
+    """A user turn for the state classifier (`datamodules.turns`): pieces of speech, silence and
+    noise in one voice at eSpeak's rate; returns ``(key, n_samples, sample_rate, sound spans)``."""
+    key, pieces, voice, path = job
+    if _TTS is None:
+        _init_worker()
+    v = Voice.from_dict(voice)
+    audio, spans = assemble_turn(pieces, lambda text: _TTS.synthesize(text, v), _TTS.sample_rate, key)
+    return key, _write_pcm16(path, audio, _TTS.sample_rate), int(_TTS.sample_rate), spans
+
+
+def _run_jobs(jobs: Sequence, workers: int, progress: bool, fn: Callable = _synthesize_job) -> dict[str, tuple]:
+    """Run ``fn`` on all jobs (in a process pool when ``workers > 1``); return ``{key: fn(job)[1:]}``
+    (``(n_samples, sr)`` for synthesis jobs)."""
+    results: dict[str, tuple] = {}
     bar = tqdm(total=len(jobs), desc="synthesizing", unit="utt", disable=not progress, smoothing=0.05)
     try:
         if workers <= 1 or len(jobs) < 2:
             _init_worker()
-            outputs: Iterable[tuple[str, int, int]] = map(_synthesize_job, jobs)
-            for key, n, sr in outputs:
-                results[key] = (n, sr)
+            for key, *rest in map(fn, jobs):
+                results[key] = tuple(rest)
                 bar.update()
             return results
         # "spawn" rather than fork: the caller may have torch (threads) or eSpeak already loaded.
@@ -111,8 +135,8 @@ def _run_jobs(jobs: Sequence[Job], workers: int, progress: bool) -> dict[str, tu
         chunksize = max(1, min(64, len(jobs) // (workers * 16)))
         with ctx.Pool(processes=workers, initializer=_init_worker) as pool:
             # Completion order does not matter: results are keyed and sorted afterwards.
-            for key, n, sr in pool.imap_unordered(_synthesize_job, jobs, chunksize=chunksize):
-                results[key] = (n, sr)
+            for key, *rest in pool.imap_unordered(fn, jobs, chunksize=chunksize):
+                results[key] = tuple(rest)
                 bar.update()
         return results
     finally:
@@ -193,6 +217,26 @@ def _plan_tts(seed: int, n_tts: int, qa_plan: dict[str, list[dict[str, Any]]]) -
     return plan
 
 
+def _plan_turns(
+    seed: int, n_turns: int, voices: dict[str, list[Voice]], qa_plan: dict[str, list[dict[str, Any]]]
+) -> dict[str, list[dict[str, Any]]]:
+    """State-classifier turns per split (`datamodules.turns.plan_turns`, 80/10/10), in the split's
+    voices: the split's QA questions (templated questions without QA) and new statements."""
+    rng = random.Random(f"turns:{seed}")
+    sentences = generate_sentences(max(200, n_turns), rng)
+    statements = [t for t in sentences if t.endswith(".")]
+    templated_questions = [t for t in sentences if t.endswith("?")]
+    plan: dict[str, list[dict[str, Any]]] = {}
+    for split, size in _split_sizes(n_turns).items():
+        questions = [str(t["question"]) for d in qa_plan.get(split, []) for t in d["turns"]] or templated_questions
+        turns = plan_turns(size, questions, statements, rng)
+        assigned = _balanced_assignment(voices[split], size, rng)
+        plan[split] = [
+            {**t, "id": f"turn-{split}-{i:06d}", "voice": v} for i, (t, v) in enumerate(zip(turns, assigned))
+        ]
+    return plan
+
+
 def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
     with path.open("w", encoding="utf-8") as f:
         for row in rows:
@@ -214,6 +258,7 @@ def make_corpus(
     workers: int = 2,
     *,
     n_tts: int = 1500,
+    n_turns: int = 2600,
     include_qa: bool = True,
     questions_in_asr: bool = True,
     qa_builder: QABuilder | None = None,
@@ -244,9 +289,10 @@ def make_corpus(
         qa_plan = _plan_qa(seed, voices, qa_builder)
 
     tts_plan = _plan_tts(seed, n_tts, qa_plan)
+    turns_plan = _plan_turns(seed, n_turns, voices, qa_plan)
 
     # Fresh audio folders so that no stale file from an earlier, larger run survives.
-    for kind in ("asr", "qa", "tts"):
+    for kind in ("asr", "qa", "tts", "turns"):
         shutil.rmtree(out / "audio" / kind, ignore_errors=True)
         for split in SPLITS:
             (out / "audio" / kind / split).mkdir(parents=True, exist_ok=True)
@@ -272,6 +318,12 @@ def make_corpus(
             jobs.append((r["audio"], r["text"], assistant, str(out / r["audio"]), OUTPUT_SAMPLE_RATE))
 
     results = _run_jobs(jobs, workers, progress)
+    turn_jobs = []
+    for split, rows in turns_plan.items():
+        for r in rows:
+            r["audio"] = f"audio/turns/{split}/{r['id']}.flac"
+            turn_jobs.append((r["audio"], r["pieces"], r["voice"].to_dict(), str(out / r["audio"])))
+    turn_results = _run_jobs(turn_jobs, workers, progress, fn=_synthesize_turn_job)
     rates = {sr for rel, (_, sr) in results.items() if not rel.startswith("audio/tts/")}
     if len(rates) > 1:
         raise RuntimeError(f"inconsistent sample rates across workers: {sorted(rates)}")
@@ -293,7 +345,7 @@ def make_corpus(
             "split": split,
         }
 
-    stats: dict[str, Any] = {"seed": seed, "sample_rate": sample_rate, "asr": {}, "qa": {}, "tts": {}}
+    stats: dict[str, Any] = {"seed": seed, "sample_rate": sample_rate, "asr": {}, "qa": {}, "tts": {}, "turns": {}}
     for split in SPLITS:
         rows = [asr_row(u["id"], u["audio"], u["text"], u["voice"], split) for u in asr_plan[split]]
         if split == "train" and include_qa and questions_in_asr:
@@ -322,6 +374,23 @@ def make_corpus(
             "voices": 1 if tts_rows else 0,
         }
 
+        turn_rows = []
+        for r in turns_plan[split]:
+            n, sr, sounds = turn_results[r["audio"]]
+            lead = r["pieces"][0][1]
+            turn_rows.append({
+                "id": r["id"], "audio": r["audio"], "text": r["text"], "kind": r["kind"], "label": r["label"],
+                "sounds": sounds, "end": sounds[-1][1] if sounds else lead, "speaker": r["voice"].voice_id,
+                "language": LANGUAGE, "duration": round(n / sr, 4), "sample_rate": sr, "split": split,
+            })  # fmt: skip
+        _write_jsonl(out / "manifests" / f"turns_{split}.jsonl", turn_rows)
+        stats["turns"][split] = {
+            "utterances": len(turn_rows),
+            "hours": _hours(sum(r["duration"] for r in turn_rows)),
+            "voices": len({r["speaker"] for r in turn_rows}),
+            "kinds": {k: sum(r["kind"] == k for r in turn_rows) for k in sorted({r["kind"] for r in turn_rows})},
+        }
+
         if not include_qa:
             continue
         dialogue_rows = []
@@ -342,8 +411,8 @@ def make_corpus(
         }
 
     stats["total"] = {
-        "utterances": len(jobs),
-        "hours": _hours(sum(n / sr for n, sr in results.values())),
+        "utterances": len(jobs) + len(turn_jobs),
+        "hours": _hours(sum(r[0] / r[1] for r in (*results.values(), *turn_results.values()))),
         "voices": sum(len(v) for v in voices.values()),
     }
     _write_json(out / "manifests" / "voices.json", voices_to_json(voices))
@@ -357,6 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--n-asr", type=int, default=3000, help="number of ASR utterances")
     parser.add_argument("--n-tts", type=int, default=1500, help="TTS sentences (besides the QA answers)")
+    parser.add_argument("--n-turns", type=int, default=2600, help="user turns for the state classifier")
     parser.add_argument("--workers", type=int, default=2, help="synthesis processes (1 = no pool)")
     parser.add_argument("--no-qa", action="store_true", help="skip the spoken-QA dialogues")
     parser.add_argument(
@@ -371,11 +441,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         n_asr=args.n_asr,
         workers=args.workers,
         n_tts=args.n_tts,
+        n_turns=args.n_turns,
         include_qa=not args.no_qa,
         questions_in_asr=not args.no_questions_in_asr,
         progress=not args.quiet,
     )
-    for part in ("asr", "qa", "tts"):
+    for part in ("asr", "qa", "tts", "turns"):
         for split, s in stats[part].items():
             print(
                 f"{part:3s} {split:5s}: {s['utterances']:6d} utterances, {s['hours']:7.3f} h, {s['voices']:2d} voices",

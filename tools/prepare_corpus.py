@@ -36,10 +36,18 @@ def prepare_corpus(
     progress: bool = True,
     qa_builder=None,
     n_tts: int = 1500,
+    n_turns: int = 2600,
 ) -> dict:
     """Returns the summary also written to `<out>/prepared.json`."""
     out = Path(out)
-    settings = {"version": CORPUS_VERSION, "seed": seed, "n_asr": n_asr, "n_tts": n_tts, "shard_max_mb": shard_max_mb}
+    settings = {
+        "version": CORPUS_VERSION,
+        "seed": seed,
+        "n_asr": n_asr,
+        "n_tts": n_tts,
+        "n_turns": n_turns,
+        "shard_max_mb": shard_max_mb,
+    }
     done = out / "prepared.json"
     if done.is_file() and not force:
         summary = json.loads(done.read_text())
@@ -48,7 +56,14 @@ def prepare_corpus(
             return summary
     t0 = time.perf_counter()
     stats = make_corpus(
-        out, seed=seed, n_asr=n_asr, workers=workers, n_tts=n_tts, progress=progress, qa_builder=qa_builder
+        out,
+        seed=seed,
+        n_asr=n_asr,
+        workers=workers,
+        n_tts=n_tts,
+        n_turns=n_turns,
+        progress=progress,
+        qa_builder=qa_builder,
     )
     t_synth = time.perf_counter() - t0
 
@@ -90,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--n-asr", type=int, default=3000)
     p.add_argument("--n-tts", type=int, default=1500, help="TTS sentences in the assistant voice (+ the QA answers)")
+    p.add_argument("--n-turns", type=int, default=2600, help="user turns for the state classifier")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--shard-max-mb", type=int, default=64)
     p.add_argument("--force", action="store_true", help="rebuild even if the corpus is already prepared")
@@ -97,7 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     s = prepare_corpus(
-        args.out, args.seed, args.n_asr, args.workers, args.shard_max_mb, args.force, not args.quiet, n_tts=args.n_tts
+        args.out,
+        args.seed,
+        args.n_asr,
+        args.workers,
+        args.shard_max_mb,
+        args.force,
+        not args.quiet,
+        n_tts=args.n_tts,
+        n_turns=args.n_turns,
     )
     print(json.dumps({"shards": s["shards"], "wall_s": s["wall_s"]}, indent=2))
     return 0
