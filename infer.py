@@ -11,8 +11,12 @@ python infer.py eval_spoken_qa experiment=tiny [eval.limit=N]
     text. Writes runs/<exp>/eval/spoken_qa.{json,md}.
 python infer.py eval_input experiment=tiny
     Both tables.
+python infer.py chat experiment=tiny input_wav=FILE|DIR|A,B output_wav=OUT [duplex.key=value]
+    Spoken dialogue: streams each file in 160 ms chunks through one session (VAD, state
+    classifier, answer text + speech), writes the assistant track at 24 kHz, a stereo dialogue
+    wav and a JSON, prints both sides' text and the latency breakdown (modules/chat.py).
 python infer.py eval_state experiment=tiny [eval.limit=N]
-    state classifier (stage input_4_state) on the test turns: precision/recall, endpoint delay,
+    State classifier (stage input_4_state) on the test turns: precision/recall, endpoint delay,
     false answers -> runs/<exp>/eval/state.{md,json}
 python infer.py eval_codec experiment=tiny [eval.limit=N]
     The codec's reconstructions of the TTS test split: log-mel distance, SI-SNR, codebook use,
@@ -72,6 +76,17 @@ def eval_state(argv: list[str]) -> dict:
     return evaluate_state(_threads(load_config(argv, stage="input_4_state")))
 
 
+def chat(argv: list[str]) -> dict:
+    from modules.chat import chat as run_chat
+
+    paths = {k: v for k, _, v in (a.partition("=") for a in argv if a.split("=", 1)[0] in ("input_wav", "output_wav"))}
+    missing = [k for k in ("input_wav", "output_wav") if not paths.get(k)]
+    if missing:
+        raise ConfigError(f"chat needs {' and '.join(f'{k}=...' for k in missing)}")
+    rest = [a for a in argv if a.split("=", 1)[0] not in paths]
+    return run_chat(_threads(load_config(rest, stage="input_4_state")), paths["input_wav"], paths["output_wav"])
+
+
 def eval_codec(argv: list[str]) -> dict:
     from modules.codec import report_codec
 
@@ -90,6 +105,7 @@ COMMANDS = {
     "eval_spoken_qa": eval_spoken_qa,
     "eval_input": eval_input,
     "eval_state": eval_state,
+    "chat": chat,
     "eval_codec": eval_codec,
     "eval_speech_output": eval_speech_output,
 }

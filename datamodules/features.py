@@ -99,13 +99,15 @@ class StreamingFbank:
     def reset(self) -> None:
         """Start a new utterance."""
         self._extractor = knf.OnlineFbank(fbank_options(self.sample_rate, self.num_mel_bins, self.dither))
-        self._next = 0
+        self._next = 0  # frames of this extractor returned so far
+        self._offset = 0  # frames of the utterance returned before this extractor (a restored state)
         self._finished = False
+        self._tail = np.zeros(0, np.float32)  # samples from the next frame's start on (the resumable state)
 
     @property
     def num_frames_emitted(self) -> int:
         """Frames returned so far for the current utterance."""
-        return self._next
+        return self._offset + self._next
 
     def accept(self, chunk: np.ndarray) -> np.ndarray:
         """Feed ``chunk [n]`` (float in [-1, 1]); return the newly completed frames ``[t, num_mel_bins]``."""
@@ -113,6 +115,7 @@ class StreamingFbank:
             raise RuntimeError("StreamingFbank.accept() after finish(); call reset() for a new utterance")
         if len(chunk) > 0:
             self._extractor.accept_waveform(float(self.sample_rate), _as_kaldi_samples(chunk))
+            self._tail = np.concatenate([self._tail, np.asarray(chunk, np.float32)])
         return self._drain()
 
     def finish(self) -> np.ndarray:
@@ -126,8 +129,30 @@ class StreamingFbank:
         out = _collect(self._extractor, self._next, ready, self.num_mel_bins)
         if ready > self._next:
             self._extractor.pop(ready - self._next)
+            self._tail = self._tail[(ready - self._next) * self._shift :]
             self._next = ready
         return out
+
+    @property
+    def _shift(self) -> int:
+        return int(self.sample_rate * FRAME_SHIFT_MS / 1000)
+
+    def state(self) -> dict:
+        """What resumes this stream exactly (`from_state`): the samples from the next frame's
+        start on (each frame depends only on its own window) and the frames emitted so far."""
+        if self._finished:
+            raise RuntimeError("a finished StreamingFbank has no state to resume")
+        return {"tail": self._tail.copy(), "frames": self.num_frames_emitted}
+
+    @classmethod
+    def from_state(cls, state: dict, **kwargs) -> StreamingFbank:
+        stream = cls(**kwargs)
+        stream._offset = int(state["frames"])
+        tail = np.asarray(state["tail"], np.float32)
+        if len(tail):
+            stream._extractor.accept_waveform(float(stream.sample_rate), _as_kaldi_samples(tail))
+            stream._tail = tail.copy()
+        return stream
 
 
 class CMVNStats:

@@ -122,6 +122,21 @@ class EvalConfig:
 
 
 @dataclass
+class DuplexConfig:
+    """The `duplex:` block: the streaming dialogue pipeline (modules/duplex.py; reference section 9
+    has the release's values)."""
+
+    vad_threshold: float = 0.5  # silero speech probability that opens a turn (release: 0.8)
+    preroll_chunks: int = 6  # 960 ms of audio before the VAD fired go into the turn (release: 6)
+    vad_end_chunks: int = 13  # ~2 s without speech drops a turn the state head never ended (release: 2 s)
+    segment_min_tokens: int = 4  # text segmenting (release: 4 tokens, commas for the first segment ...)
+    segment_comma_after: int = 20  # ... or once a segment has 20 tokens
+    first_chunk_tokens: int = 20  # token FIFO: first window of an answer (release: 20)
+    chunk_tokens: int = 40  # later windows (release: 40)
+    context_tokens: int = 10  # context on each side of a window (release: 10)
+
+
+@dataclass
 class RunConfig:
     experiment: str = "???"
     seed: int = 1234
@@ -138,6 +153,7 @@ class RunConfig:
     speech_llm: SpeechLLMConfig = field(default_factory=SpeechLLMConfig)
     codec: CodecConfig = field(default_factory=CodecConfig)
     speech_decoder: SpeechDecoderConfig = field(default_factory=SpeechDecoderConfig)
+    duplex: DuplexConfig = field(default_factory=DuplexConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

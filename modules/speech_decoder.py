@@ -245,10 +245,12 @@ class SpeechDecoding:
         use_cache: bool = True,
         generator: torch.Generator | None = None,
         on_token=None,
+        on_prefill=None,
     ) -> list[torch.Tensor]:
         """Codec tokens per batch row (without EOS). `use_cache=False` recomputes the whole
         sequence at every step (the benchmark's baseline); `on_token(step, tokens [B])` sees each
-        step's tokens as they come (streaming)."""
+        step's tokens as they come (streaming); `on_prefill()` is called once the NAR prefill of
+        the conditioning is done (latency breakdowns)."""
         top_k = self.dcfg.top_k if top_k is None else top_k
         max_tokens = self.dcfg.max_tokens if max_tokens is None else max_tokens
         cond, cond_valid = self.condition(text, text_valid)
@@ -261,6 +263,8 @@ class SpeechDecoding:
         # NAR prefill of the conditioning (full attention over prefix + conditioning)
         mask = torch.cat([prefix_valid[:, None].expand(-1, c, -1), cond_valid[:, None].expand(-1, c, -1)], 2)
         _, past = self.decoder(cond, _positions(cond_valid), mask, prefix)
+        if on_prefill is not None:
+            on_prefill()
         keys_valid = torch.cat([prefix_valid, cond_valid], 1)
         token = torch.full((b,), self.ids["sos"], device=device)
         done = torch.zeros(b, dtype=torch.bool, device=device)
