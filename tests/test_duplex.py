@@ -1,0 +1,147 @@
+"""The duplex pipeline on untrained miniature models: sessions hold all state, a saved session
+continues exactly as the original, a dropped turn leaves the cache as before it, an answer is
+spoken with its latency marks, and `infer.py chat` reads what a microphone file can be."""
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from datamodules.audio import load_audio
+from modules.chat import chat_file, input_files, latency_table, read_input
+from modules.codec import Codec
+from modules.config import ConfigError, load_config
+from modules.duplex import DuplexModel, Session
+from modules.speech_decoder_stage import build as build_decoder
+from modules.speech_llm import build as build_speech_llm
+
+
+def _model(args: list[str], *extra: str) -> DuplexModel:
+    cfg = load_config(["stage=input_4_state", *args, "speech_llm.max_answer_tokens=16",
+                       "speech_decoder.max_tokens=45", *extra])  # fmt: skip
+    torch.manual_seed(0)
+    speech_llm = build_speech_llm(cfg)
+    decoder = build_decoder(cfg).eval()
+    decoder.llm = speech_llm.llm
+    codec = Codec(cfg).eval()
+    voice = torch.zeros(cfg.codec.global_groups, dtype=torch.long)
+    return DuplexModel(cfg, speech_llm, decoder, codec, voice)
+
+
+def _say(model: DuplexModel, session: Session, text: str):
+    """respond(), with the untrained LLM steered to say `text` (its logits pushed token by token)."""
+    script = iter(model.llm.tokenizer(text, add_special_tokens=False)["input_ids"])
+    prefill = model.stream._prefill
+
+    def steered(state, emb):
+        logits = prefill(state, emb)
+        logits[-1, next(script, model.llm.layout.eos_id)] += 1e4
+        return logits
+
+    model.stream._prefill = steered
+    try:
+        return model.respond(session)
+    finally:
+        model.stream._prefill = prefill
+
+
+@pytest.fixture
+def duplex_args(speech_args) -> list[str]:
+    return [
+        *speech_args,
+        "codec.dim=32", "codec.encoder_channels=4", "codec.encoder_resblock_kernels=[3]", "codec.resblock_kernels=[3]",
+        "codec.global_dim=8", "codec.global_groups=2", "codec.global_codebook_size=16", "codec.codebook_size=64",
+        "speech_decoder.dim=16", "speech_decoder.num_heads=2", "speech_decoder.ffn_dim=32",
+        "speech_decoder.codebook_size=64", "speech_decoder.dropout=0.0",
+        "duplex.vad_threshold=0.0",  # every chunk is speech to the gate: turns open at once
+        "duplex.first_chunk_tokens=5", "duplex.chunk_tokens=10", "duplex.context_tokens=2",
+    ]  # fmt: skip
+
+
+def _speech(seconds: float, seed: int = 0) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal(int(seconds * 16000)) * 0.1).astype(np.float32)
+
+
+def test_saved_session_continues_exactly_as_the_original(duplex_args, tmp_path):
+    # Never decide while the test feeds (thresholds above 1), then answer on demand.
+    model = _model(duplex_args, "speech_llm.state_answer_threshold=2", "speech_llm.state_drop_threshold=2")
+    audio = _speech(2.0)
+    a = model.new_session()
+    assert model.feed(a, audio[:9000])[0].kind == "turn_start"  # 3 chunks and 1320 samples pending
+    a.save(tmp_path / "s.pt")
+    b = Session.load(tmp_path / "s.pt")
+    assert b.input.positions == a.input.positions and b.clock == a.clock and len(b.pending) == len(a.pending)
+    for s in (a, b):
+        assert model.feed(s, audio[9000:]) == []
+        s.mode = "answer"  # as if the state head had fired
+    ra, rb = _say(model, a, "It is Monday."), _say(model, b, "It is Monday.")
+    assert ra.text == rb.text == "It is Monday." and len(ra.audio) > 0
+    assert np.array_equal(ra.audio, rb.audio) and ra.tokens == rb.tokens
+    torch.testing.assert_close(a.input.last_hidden, b.input.last_hidden)
+    assert a.input.positions == b.input.positions and a.history == b.history
+    assert a.mode == b.mode == "idle"
+    # the reply and its end are in the context: positions grew by the closing, the reply and the end
+    assert a.input.cache.get_seq_length() == a.input.positions
+    with pytest.raises(ValueError, match="format"):
+        Session.from_state_dict({**a.state_dict(), "format": 99})
+
+
+def test_a_dropped_turn_leaves_the_context_as_before(duplex_args):
+    model = _model(duplex_args, "speech_llm.state_drop_threshold=-1")  # state 2 on the first decision
+    s = model.new_session()
+    before = s.input.positions
+    keys = s.input.cache.layers[0].keys.clone()
+    audio, kinds = _speech(0.8), []
+    for i in range(0, len(audio), 2560):  # chunk by chunk until the first decision
+        kinds += [e.kind for e in model.feed(s, audio[i : i + 2560])]
+        if "drop" in kinds:
+            break
+    assert kinds == ["turn_start", "drop"]
+    assert s.input.positions == before and s.input.cache.get_seq_length() == before
+    assert torch.equal(s.input.cache.layers[0].keys, keys) and s.mode == "idle" and not s.input.in_turn
+
+
+def test_an_answer_is_spoken_with_its_latency_marks(duplex_args):
+    model = _model(
+        duplex_args, "speech_llm.state_answer_threshold=-1", "speech_llm.state_drop_threshold=2"
+    )  # state 1 on the first decision
+    s = model.new_session()
+    events = model.feed(s, _speech(0.8))
+    assert [e.kind for e in events] == ["turn_start", "answer"]
+    with pytest.raises(RuntimeError, match="respond"):
+        model.feed(s, _speech(0.2))
+    reply = _say(model, s, "You saw four animals, then two more.")
+    assert s.history[-1] == {"role": "assistant", "text": reply.text} and s.mode == "idle"
+    assert reply.text == "You saw four animals, then two more." and reply.segments == [
+        "You saw four animals,",
+        "then two more.",
+    ]
+    marks = reply.latency_ms
+    assert set(marks) == {"text", "prefill", "tokens", "pcm", "total"} and all(v >= 0 for v in marks.values())
+    assert marks["total"] == pytest.approx(marks["text"] + marks["prefill"] + marks["tokens"] + marks["pcm"], abs=0.5)
+    assert len(reply.audio) == sum(len(c) for _, c in reply.pcm_chunks) == 600 * len(reply.audio) // 600
+    table = latency_table([{"latency_ms": reply.latency_ms}])
+    assert "state-1 decision -> first PCM" in table
+
+
+def test_chat_file_lays_answers_on_the_input_timeline(duplex_args):
+    model = _model(duplex_args, "speech_llm.state_answer_threshold=-1", "speech_llm.state_drop_threshold=2")
+    r = chat_file(model, _speech(1.0))
+    assert r["turns"] and r["turns"][0]["decision_s"] > 0
+    assert len(r["track"]) >= int(len(r["input"]) / 16000 * 24000) - 1
+    assert r["events"][0]["event"] == "turn_start"
+
+
+def test_chat_inputs_are_converted_or_refused_clearly(tmp_path):
+    stereo = np.stack([_speech(0.5), _speech(0.5, 1)], 1)
+    sf.write(tmp_path / "a.wav", stereo, 44100)
+    (tmp_path / "b.wav").write_bytes(b"not audio at all")
+    wav = read_input(tmp_path / "a.wav")
+    assert wav.ndim == 1 and abs(len(wav) - 0.5 * 16000 * 16000 / 44100) < 2  # mono, 16 kHz
+    with pytest.raises(ConfigError, match=r"b\.wav"):
+        read_input(tmp_path / "b.wav")
+    assert input_files(str(tmp_path)) == [tmp_path / "a.wav", tmp_path / "b.wav"]
+    assert input_files(f"{tmp_path / 'a.wav'},{tmp_path / 'a.wav'}") == [tmp_path / "a.wav"] * 2
+    with pytest.raises(ConfigError, match="does not exist"):
+        input_files(str(tmp_path / "missing.wav"))
+    assert load_audio(str(tmp_path / "a.wav"))[1] == 44100
