@@ -6,7 +6,7 @@ EXP     ?= tiny
 CORPUS  ?= data/tiny
 PYTEST_ARGS ?=
 
-.PHONY: help setup corpus demo demo-all demo-input demo-llm demo-ctc-main demo-ctc-dynamic demo-align-main demo-align-dynamic demo-prompt demo-eval-asr demo-eval-qa demo-eval demo-output demo-codec demo-tokens demo-answers demo-decoder-main demo-decoder-nopre demo-prefix-main demo-prefix-nopre demo-eval-codec demo-eval-output test bench bench-data bench-llm bench-input bench-output lint format clean
+.PHONY: help setup corpus demo demo-all demo-input demo-llm demo-ctc-main demo-ctc-dynamic demo-align-main demo-align-dynamic demo-prompt demo-eval-asr demo-eval-qa demo-eval demo-output demo-codec demo-tokens demo-answers demo-decoder-main demo-decoder-nopre demo-prefix-main demo-prefix-nopre demo-eval-codec demo-eval-output demo-state demo-eval-state demo-chat test bench bench-data bench-llm bench-input bench-output lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 corpus: setup ## synthesize the tiny eSpeak corpus, write its shards and CMVN stats
 	$(PY) -m tools.prepare_corpus --out $(CORPUS)
 
-demo: corpus ## the embedded default, cut to 30 min (experiment=demo): both sides of the chain, Tables 1, 3 and 2
+demo: corpus ## the embedded default, cut to 30 min (experiment=demo): the whole chain, Tables 1-3, state classifier, a spoken exchange
 	$(MAKE) -j2 EXP=$(DEMO_EXP) ASR_RUNS=demo-align-main DECODER_RUNS=demo-prefix-main demo-all
 
 # The demo is a graph of 1-thread runs that make -j2 schedules on two cores: the stand-in LLM
@@ -88,7 +88,18 @@ demo-eval-output: setup | $(DECODER_RUNS) demo-ctc-main demo-eval-codec
 	$(PY) infer.py eval_speech_output experiment=$(EXP) trainer.num_threads=1
 	@cat runs/$(EXP)/eval/codec.md runs/$(EXP)/eval/speech_output.md
 
-demo-all: demo-eval demo-eval-output
+# Duplex (issue 5): the state classifier after stage 3, then a spoken exchange with the whole
+# chain (two questions of a test dialogue in one file), last.
+demo-state: setup | demo-prompt
+	$(RUN1) stage=input_4_state
+demo-eval-state: setup | demo-state
+	$(PY) infer.py eval_state experiment=$(EXP) trainer.num_threads=1
+demo-chat: setup | demo-state demo-prefix-main demo-eval demo-eval-output demo-eval-state
+	@cat runs/$(EXP)/eval/state.md
+	$(PY) -m tools.make_chat_input --corpus $(CORPUS) --out runs/$(EXP)/chat/question.wav
+	$(PY) infer.py chat experiment=$(EXP) trainer.num_threads=1 input_wav=runs/$(EXP)/chat/question.wav output_wav=runs/$(EXP)/chat/answer.wav
+
+demo-all: demo-eval demo-eval-output demo-eval-state demo-chat
 
 demo-output: setup ## the tiny recipe of the speech-output stages (needs the corpus): codec report and Table 2
 	$(MAKE) -j2 demo-eval-output

@@ -2,6 +2,8 @@
 continues exactly as the original, a dropped turn leaves the cache as before it, an answer is
 spoken with its latency marks, and `infer.py chat` reads what a microphone file can be."""
 
+import json
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -14,6 +16,7 @@ from modules.config import ConfigError, load_config
 from modules.duplex import DuplexModel, Session
 from modules.speech_decoder_stage import build as build_decoder
 from modules.speech_llm import build as build_speech_llm
+from tools.make_chat_input import make_chat_input
 
 
 def _model(args: list[str], *extra: str) -> DuplexModel:
@@ -145,3 +148,14 @@ def test_chat_inputs_are_converted_or_refused_clearly(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         input_files(str(tmp_path / "missing.wav"))
     assert load_audio(str(tmp_path / "a.wav"))[1] == 44100
+
+
+def test_chat_input_joins_the_questions_of_a_test_dialogue(mini_corpus, tmp_path):
+    out = tmp_path / "q.wav"
+    summary = make_chat_input(str(mini_corpus), str(out), dialogue=0, turns=2, pause=1.0)
+    info = sf.info(str(out))
+    first = json.loads((mini_corpus / "manifests" / "qa_test.jsonl").read_text().splitlines()[0])
+    heard = sum(t["duration"] for t in first["turns"][:2])
+    assert len(summary["turns"]) == 2 and abs(info.frames / info.samplerate - (0.5 + 1.0 + heard)) < 0.01
+    with pytest.raises(ValueError, match="dialogues 0"):
+        make_chat_input(str(mini_corpus), str(out), dialogue=99)
