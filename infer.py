@@ -15,6 +15,10 @@ python infer.py chat experiment=tiny input_wav=FILE|DIR|A,B output_wav=OUT [dupl
     Spoken dialogue: streams each file in 160 ms chunks through one session (VAD, state
     classifier, answer text + speech), writes the assistant track at 24 kHz, a stereo dialogue
     wav and a JSON, prints both sides' text and the latency breakdown (modules/chat.py).
+python infer.py eval_dialogue experiment=tiny [eval.limit=N]
+    Spoken QA end to end through the duplex pipeline: speech -> speech, speech -> text and
+    text -> text accuracy, answered share, latency breakdown, the state classifier's report
+    -> runs/<exp>/eval/dialogue.{md,json} (modules/dialogue_eval.py).
 python infer.py eval_state experiment=tiny [eval.limit=N]
     State classifier (stage input_4_state) on the test turns: precision/recall, endpoint delay,
     false answers -> runs/<exp>/eval/state.{md,json}
@@ -87,6 +91,12 @@ def chat(argv: list[str]) -> dict:
     return run_chat(_threads(load_config(rest, stage="input_4_state")), paths["input_wav"], paths["output_wav"])
 
 
+def eval_dialogue(argv: list[str]) -> dict:
+    from modules.dialogue_eval import evaluate_dialogue
+
+    return evaluate_dialogue(_threads(load_config(argv, stage="input_4_state")))
+
+
 def eval_codec(argv: list[str]) -> dict:
     from modules.codec import report_codec
 
@@ -106,6 +116,7 @@ COMMANDS = {
     "eval_input": eval_input,
     "eval_state": eval_state,
     "chat": chat,
+    "eval_dialogue": eval_dialogue,
     "eval_codec": eval_codec,
     "eval_speech_output": eval_speech_output,
 }

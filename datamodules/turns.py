@@ -35,6 +35,7 @@ class TurnsDataConfig:
     test_shards: str | None = None
     record_batch: int = 16  # turns per forward pass of the frozen speech LLM when recording states
     batch_size: int = 512  # recorded chunk states per training step of the head
+    limit: int = 0  # stage input_4_state records the first N training turns only; 0 = all (`make demo`)
 
 
 LISTEN, ANSWER, DROP, IGNORE = 0, 1, 2, 3

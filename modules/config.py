@@ -134,6 +134,10 @@ class DuplexConfig:
     first_chunk_tokens: int = 20  # token FIFO: first window of an answer (release: 20)
     chunk_tokens: int = 40  # later windows (release: 40)
     context_tokens: int = 10  # context on each side of a window (release: 10)
+    # A segment's speech stops after 20 + this many codec tokens per character of its text (the
+    # assistant speaks ~2.7 tokens per character): an undertrained decoder that never says EOS
+    # would otherwise run to speech_decoder.max_tokens (25 s) on every segment.
+    max_tokens_per_char: float = 6.0
 
 
 @dataclass

@@ -148,8 +148,8 @@ def run(cfg: DictConfig) -> dict:
     counts = module.apply_freezing(list(cfg.stage.trainable))
     module.eval()
     turns = cfg.data.turns
-    recorded = {split: record_turns(module, turns[f"{split}_shards"], batch=turns.record_batch,
-                                    desc=f"LLM states, {split} turns") for split in ("train", "dev")}  # fmt: skip
+    recorded = {split: record_turns(module, turns[f"{split}_shards"], turns.limit if split == "train" else 0,
+                                    turns.record_batch, f"LLM states, {split} turns") for split in ("train", "dev")}  # fmt: skip
     module.state_head.train()
     data = ChunkStates(recorded["train"]["turns"], recorded["dev"]["turns"], cfg.data.turns.batch_size, cfg.seed)
     trainer = fit(cfg, module, data)

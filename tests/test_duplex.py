@@ -3,6 +3,7 @@ continues exactly as the original, a dropped turn leaves the cache as before it,
 spoken with its latency marks, and `infer.py chat` reads what a microphone file can be."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -159,3 +160,60 @@ def test_chat_input_joins_the_questions_of_a_test_dialogue(mini_corpus, tmp_path
     assert len(summary["turns"]) == 2 and abs(info.frames / info.samplerate - (0.5 + 1.0 + heard)) < 0.01
     with pytest.raises(ValueError, match="dialogues 0"):
         make_chat_input(str(mini_corpus), str(out), dialogue=99)
+
+
+def test_a_reply_that_ends_at_once_is_an_empty_answer(duplex_args):
+    model = _model(duplex_args, "speech_llm.state_answer_threshold=-1", "speech_llm.state_drop_threshold=2")
+    s = model.new_session()
+    assert [e.kind for e in model.feed(s, _speech(0.8))] == ["turn_start", "answer"]
+    reply = _say(model, s, "")  # the first token is the end of the turn
+    assert reply.text == "" and reply.segments == [] and len(reply.audio) == 0 and reply.latency_ms == {}
+    assert s.mode == "idle" and s.history[-1] == {"role": "assistant", "text": ""}
+
+
+def test_trained_chain_chats_and_is_evaluated_end_to_end(duplex_args, tmp_path, capsys):
+    """The whole chain at 2 steps a stage: `infer.py chat` on a spoken dialogue and `eval_dialogue`."""
+    import infer
+    import train
+    from datamodules.shards import iter_metadata
+    from tools.make_llm_answers import fingerprint
+    from tools.write_codec_tokens import write_codec_tokens
+
+    args = [*duplex_args, "duplex.vad_threshold=0.5", "speech_llm.state_answer_threshold=-1",
+            "speech_llm.state_drop_threshold=2", "speech_llm.max_answer_tokens=4", "speech_decoder.max_tokens=30",
+            "data.tts.segment_s=0.1", "data.tts.max_batch_size=3", "data.tts_codes.max_tokens_per_batch=400",
+            "codec.disc_period_widths=[2,4,4,4]", "codec.disc_periods=[2,3]", "codec.disc_scales=1",
+            "codec.disc_scale_width=4", "eval.limit=2"]  # fmt: skip
+    cfg = load_config(["stage=input_4_state", *args])
+    answers = Path(cfg.speech_llm.answers_dir)  # the mini LLM's "own" answers: the references
+    answers.mkdir(parents=True)
+    for split in ("train", "dev"):
+        rows = [{"id": k, "replies": [t["answer"] for t in m["turns"]]}
+                for k, m in iter_metadata(cfg.data.spoken_qa[f"{split}_shards"])]  # fmt: skip
+        (answers / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (answers / "meta.json").write_text(json.dumps(fingerprint(cfg)))
+    for stage in ("input_1_ctc", "input_2_align", "input_3_prompt", "input_4_state", "output_1_codec"):
+        train.main([f"stage={stage}", *args])
+    write_codec_tokens(load_config(["stage=output_1_codec", *args]), voice_utterances=4, progress=False)
+    for stage in ("output_2_decoder", "output_3_prefix"):
+        train.main([f"stage={stage}", *args])
+
+    corpus = load_config(["stage=input_4_state", *args]).corpus.root
+    make_chat_input(corpus, str(tmp_path / "q.wav"), dialogue=0, turns=2, pause=1.0)
+    out = infer.main(["chat", *args, f"input_wav={tmp_path / 'q.wav'}", f"output_wav={tmp_path / 'a.wav'}"])
+    assert out["answers"] >= 1 and "state-1 decision -> first PCM" in capsys.readouterr().out
+    assert (
+        sf.info(str(tmp_path / "a.wav")).samplerate == 24000 and sf.info(str(tmp_path / "a.dialogue.wav")).channels == 2
+    )
+    with pytest.raises(ConfigError, match="output_wav"):
+        infer.main(["chat", *args, f"input_wav={tmp_path / 'q.wav'}"])
+
+    result = infer.main(["eval_dialogue", *args])
+    assert result["dialogues"] == 2 and result["turns"] == len(result["records"]) >= 2
+    for key in ("speech_to_speech_accuracy", "speech_to_text_accuracy", "text_to_text_accuracy", "answered"):
+        assert 0 <= result[key] <= 1
+    assert result["state_classifier"]["turns"] == 2  # eval.limit test turns
+    run_root = Path(load_config(["stage=input_4_state", *args]).run_root)
+    assert (run_root / "tiny" / "eval" / "dialogue.md").is_file() and (
+        run_root / "tiny" / "eval" / "state.md"
+    ).is_file()
