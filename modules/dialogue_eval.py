@@ -21,16 +21,15 @@ import json
 
 import numpy as np
 from omegaconf import DictConfig
-from tqdm.auto import tqdm
 
 from datamodules.answers import check_answer
-from datamodules.shards import iter_decoded
 from modules.chat import INPUT_RATE, OUTPUT_RATE, TAIL_S, latency_table
 from modules.config import eval_dir
 from modules.ctc import transcribe
 from modules.duplex import DuplexModel
 from modules.qa_eval import evaluate_text_qa
 from modules.speech_llm import CHUNK_SAMPLES
+from modules.spoken_qa_eval import spoken_test_dialogues
 from modules.state_classifier import evaluate_state
 from tools.make_llm_answers import read_dialogues
 
@@ -38,10 +37,7 @@ from tools.make_llm_answers import read_dialogues
 def dialogue_records(cfg: DictConfig, model: DuplexModel, limit: int = 0) -> list[dict]:
     chunk = int(cfg.encoder.chunk_frames)
     records = []
-    samples = iter_decoded(cfg.data.spoken_qa.test_shards)
-    for n, sample in enumerate(tqdm(samples, desc="spoken dialogues (speech in, speech out)", unit="dialogue")):
-        if limit and n >= limit:
-            break
+    for sample in spoken_test_dialogues(cfg, limit, "spoken dialogues (speech in, speech out)"):
         session = model.new_session()
         for k, turn in enumerate(sample["turns"]):
             wav = np.concatenate([np.asarray(turn["wav"], np.float32), np.zeros(int(TAIL_S * INPUT_RATE), np.float32)])
@@ -76,7 +72,7 @@ def evaluate_dialogue(cfg: DictConfig) -> dict:
     text = evaluate_text_qa(
         llm.llm, llm.tokenizer, dialogues, cfg.eval.batch_size, llm.cfg.speech_llm.max_answer_tokens
     )
-    state = evaluate_state(cfg)
+    state = evaluate_state(cfg, llm)  # the same loaded speech LLM
     n = len(records)
     result = {
         "dialogues": len({r["id"] for r in records}),

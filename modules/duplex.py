@@ -218,10 +218,7 @@ class DuplexModel:
 
     # --- input ----------------------------------------------------------------------------------
     def _reset_turn(self, s: Session) -> None:
-        m = self.llm
-        s.input.fbank = StreamingFbank()
-        s.input.encoder, s.input.adapter = m.encoder.init_state(), m.adapter.init_state()
-        s.input.in_turn = False
+        self.stream.reset_turn(s.input)
         s.mode, s.turn_chunks, s.quiet_chunks, s.turn_audio = "idle", 0, 0, []
 
     def _drop(self, s: Session) -> None:
@@ -292,9 +289,7 @@ class DuplexModel:
         cache, put (segment, hidden states [n, W]) on `out` as segments complete, then None."""
         try:
             m, st = self.llm, s.input
-            tail = self.stream._speech(st, np.zeros(0, np.float32), final=True)
-            close = m.user_turn_end()
-            logits = self.stream._prefill(st, torch.cat([tail.to(close.dtype), close]))
+            logits = self.stream.close_turn(st)
             seg = TextSegmenter(self.cfg.duplex.segment_min_tokens, self.cfg.duplex.segment_comma_after)
             ids, text, seg_hidden = [], "", []
             while len(ids) < m.cfg.speech_llm.max_answer_tokens:

@@ -420,17 +420,30 @@ class StreamingInput:
         return len(emb)
 
     @torch.inference_mode()
+    def close_turn(self, state: InputState) -> torch.Tensor:
+        """Flush the user's speech and prefill the speech-end vector and the assistant header;
+        returns the logits [n, V] (the last row predicts the reply's first token)."""
+        if not state.in_turn:
+            raise RuntimeError("close_turn() without speech in this turn")
+        tail = self._speech(state, np.zeros(0, dtype=np.float32), final=True)
+        close = self.model.user_turn_end()
+        return self._prefill(state, torch.cat([tail.to(close.dtype), close]))
+
+    def reset_turn(self, state: InputState) -> None:
+        """Fresh fbank, encoder and adapter state for the next user turn (the KV cache stays)."""
+        m = self.model
+        state.fbank = StreamingFbank()
+        state.encoder, state.adapter = m.encoder.init_state(), m.adapter.init_state()
+        state.in_turn = False
+
+    @torch.inference_mode()
     def end_turn(self, state: InputState, max_new_tokens: int | None = None) -> list[int]:
-        """Flush the user's speech, close the turn and greedily generate the reply ids.
+        """Close the turn and greedily generate the reply ids.
 
         The reply and the assistant turn's end are left in the cache, ready for the next turn.
         """
         m = self.model
-        if not state.in_turn:
-            raise RuntimeError("end_turn() without speech in this turn")
-        tail = self._speech(state, np.zeros(0, dtype=np.float32), final=True)
-        close = m.user_turn_end()
-        logits = self._prefill(state, torch.cat([tail.to(close.dtype), close]))
+        logits = self.close_turn(state)
         reply: list[int] = []
         limit = max_new_tokens or m.cfg.speech_llm.max_answer_tokens
         while len(reply) < limit:
@@ -440,9 +453,7 @@ class StreamingInput:
             reply.append(nxt)
             logits = self._prefill(state, m.embed_ids([nxt]))
         self._prefill(state, m.embed_ids(m.layout.answer_end))
-        state.fbank = StreamingFbank()
-        state.encoder, state.adapter = m.encoder.init_state(), m.adapter.init_state()
-        state.in_turn = False
+        self.reset_turn(state)
         return reply
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import defaultdict
+from collections.abc import Iterator
 
 import numpy as np
 from omegaconf import DictConfig
@@ -31,15 +32,21 @@ from tools.make_llm_answers import read_dialogues
 log = logging.getLogger(__name__)
 
 
+def spoken_test_dialogues(cfg: DictConfig, limit: int = 0, desc: str = "spoken dialogues") -> Iterator[dict]:
+    """The decoded spoken test dialogues (16 kHz; the first `limit`, 0 = all), with a progress bar."""
+    samples = iter_decoded(cfg.data.spoken_qa.test_shards)
+    for n, sample in enumerate(tqdm(samples, desc=desc, unit="dialogue")):
+        if limit and n >= limit:
+            return
+        yield sample
+
+
 def speech_qa(cfg: DictConfig, limit: int = 0) -> list[dict]:
     """Answer every spoken test dialogue through the streaming input path; one record per turn."""
     model = load_speech_llm(cfg, ["input_2_align", "input_3_prompt"])
     stream = StreamingInput(model, PROMPT)
     records = []
-    samples = iter_decoded(cfg.data.spoken_qa.test_shards)
-    for n, sample in enumerate(tqdm(samples, desc="spoken QA (streaming)", unit="dialogue")):
-        if limit and n >= limit:
-            break
+    for sample in spoken_test_dialogues(cfg, limit, "spoken QA (streaming)"):
         state = stream.start()
         for k, turn in enumerate(sample["turns"]):
             wav = np.asarray(turn["wav"], dtype=np.float32)

@@ -220,10 +220,16 @@ def _stats_ms(values: list[float]) -> dict:
 
 
 @torch.inference_mode()
-def state_report(module: SpeechLLM, turns: list[dict], answer_threshold: float, drop_threshold: float) -> dict:
-    """The measures of the module docstring over recorded turns."""
-    longest = max(t["duration"] for t in turns)
-    times = decision_times(module, longest + 1.0)
+def state_report(
+    module: SpeechLLM,
+    turns: list[dict],
+    answer_threshold: float,
+    drop_threshold: float,
+    times: list[float] | None = None,
+) -> dict:
+    """The measures of the module docstring over recorded turns (`times`: `decision_times` long
+    enough for every turn, computed here when not given)."""
+    times = times or decision_times(module, max(t["duration"] for t in turns) + 1.0)
     chunk_pred, chunk_gold, turn_pred, turn_gold = [], [], [], []
     delays, cut_ins, per_kind = [], 0, {}
     records = []
@@ -299,9 +305,9 @@ SWEEP = (0.5, 0.6, 0.7, 0.8, 0.9)
 
 def threshold_sweep(module: SpeechLLM, turns: list[dict], drop_threshold: float) -> tuple[list[dict], str]:
     """The answer threshold's trade-off (cut-ins vs delay vs missed answers) on `turns` (dev)."""
-    rows = []
+    rows, times = [], decision_times(module, max(t["duration"] for t in turns) + 1.0)
     for thr in SWEEP:
-        r = state_report(module, turns, thr, drop_threshold)
+        r = state_report(module, turns, thr, drop_threshold, times)
         d = r["endpoint_delay_ms"]
         rows.append({"answer_threshold": thr, "answered": r["answered_questions"], "cut_in": r["cut_in_rate"],
                      "false_answer": r["false_answer_rate"], "delay_avg_ms": d.get("avg"), "delay_p90_ms": d.get("p90")})  # fmt: skip
@@ -314,8 +320,10 @@ def threshold_sweep(module: SpeechLLM, turns: list[dict], drop_threshold: float)
     return rows, "\n".join(lines) + "\n"
 
 
-def evaluate_state(cfg: DictConfig) -> dict:
-    module = load_speech_llm(cfg, [ALIGN, PROMPT, STATE])
+def evaluate_state(cfg: DictConfig, module: SpeechLLM | None = None) -> dict:
+    """The report on the test turns (plus the dev sweep); `module`: the trained speech LLM when
+    the caller has it loaded already."""
+    module = module or load_speech_llm(cfg, [ALIGN, PROMPT, STATE])
     turns = cfg.data.turns
     s = cfg.speech_llm
     dev = record_turns(module, turns.dev_shards, cfg.eval.limit, turns.record_batch, "LLM states, dev turns")

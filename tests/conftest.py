@@ -80,3 +80,26 @@ def speech_args(tmp_path, mini_corpus, mini_llm) -> list[str]:
         "data.spoken_qa.max_frames_per_batch=6000",
         "eval.batch_size=8",
     ]
+
+
+def write_reference_answers(cfg) -> None:
+    """The mini LLM's cached "own" answers (tools.make_llm_answers' format) = the reference
+    answers of the QA train/dev dialogues, fingerprinted as if this LLM had made them."""
+    import json
+    from pathlib import Path
+
+    from datamodules.shards import iter_metadata
+    from tools.make_llm_answers import fingerprint
+
+    answers = Path(cfg.speech_llm.answers_dir)
+    answers.mkdir(parents=True)
+    for split in ("train", "dev"):
+        rows = [{"id": k, "replies": [t["answer"] for t in m["turns"]]}
+                for k, m in iter_metadata(cfg.data.spoken_qa[f"{split}_shards"])]  # fmt: skip
+        (answers / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (answers / "meta.json").write_text(json.dumps(fingerprint(cfg)))
+
+
+@pytest.fixture
+def reference_answers():
+    return write_reference_answers

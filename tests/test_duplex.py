@@ -171,12 +171,10 @@ def test_a_reply_that_ends_at_once_is_an_empty_answer(duplex_args):
     assert s.mode == "idle" and s.history[-1] == {"role": "assistant", "text": ""}
 
 
-def test_trained_chain_chats_and_is_evaluated_end_to_end(duplex_args, tmp_path, capsys):
+def test_trained_chain_chats_and_is_evaluated_end_to_end(duplex_args, tmp_path, capsys, reference_answers):
     """The whole chain at 2 steps a stage: `infer.py chat` on a spoken dialogue and `eval_dialogue`."""
     import infer
     import train
-    from datamodules.shards import iter_metadata
-    from tools.make_llm_answers import fingerprint
     from tools.write_codec_tokens import write_codec_tokens
 
     args = [*duplex_args, "duplex.vad_threshold=0.5", "speech_llm.state_answer_threshold=-1",
@@ -184,14 +182,7 @@ def test_trained_chain_chats_and_is_evaluated_end_to_end(duplex_args, tmp_path, 
             "data.tts.segment_s=0.1", "data.tts.max_batch_size=3", "data.tts_codes.max_tokens_per_batch=400",
             "codec.disc_period_widths=[2,4,4,4]", "codec.disc_periods=[2,3]", "codec.disc_scales=1",
             "codec.disc_scale_width=4", "eval.limit=2"]  # fmt: skip
-    cfg = load_config(["stage=input_4_state", *args])
-    answers = Path(cfg.speech_llm.answers_dir)  # the mini LLM's "own" answers: the references
-    answers.mkdir(parents=True)
-    for split in ("train", "dev"):
-        rows = [{"id": k, "replies": [t["answer"] for t in m["turns"]]}
-                for k, m in iter_metadata(cfg.data.spoken_qa[f"{split}_shards"])]  # fmt: skip
-        (answers / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (answers / "meta.json").write_text(json.dumps(fingerprint(cfg)))
+    reference_answers(load_config(["stage=input_4_state", *args]))  # the mini LLM's "own" answers
     for stage in ("input_1_ctc", "input_2_align", "input_3_prompt", "input_4_state", "output_1_codec"):
         train.main([f"stage={stage}", *args])
     write_codec_tokens(load_config(["stage=output_1_codec", *args]), voice_utterances=4, progress=False)

@@ -316,7 +316,7 @@ def test_decoder_stages_train_the_declared_parts(decoder_args):
                                          "codec.codebook_size=32"]))  # fmt: skip
 
 
-def test_table2_and_codec_report_run_on_the_trained_chain(decoder_args, monkeypatch):
+def test_table2_and_codec_report_run_on_the_trained_chain(decoder_args, monkeypatch, reference_answers):
     import modules.tts_eval as tts_eval
     from datamodules.shards import iter_metadata
     from modules.codec import report_codec
@@ -328,13 +328,7 @@ def test_table2_and_codec_report_run_on_the_trained_chain(decoder_args, monkeypa
     cfg = load_config(["stage=output_3_prefix", *args])
     write_codec_tokens(cfg, voice_utterances=4, progress=False)
     train.main(["stage=output_2_decoder", *args])
-    answers = Path(cfg.speech_llm.answers_dir)
-    answers.mkdir(parents=True)
-    for split in ("train", "dev"):
-        rows = [{"id": k, "replies": [t["answer"] for t in m["turns"]]}
-                for k, m in iter_metadata(cfg.data.spoken_qa[f"{split}_shards"])]  # fmt: skip
-        (answers / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (answers / "meta.json").write_text(json.dumps(fingerprint(cfg)))
+    reference_answers(cfg)
     train.main(["stage=output_3_prefix", *args])
 
     def reference_replies(cfg, turns):  # the mini LLM is untrained: speak the reference answers
