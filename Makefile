@@ -94,12 +94,15 @@ demo-state: setup | demo-prompt
 	$(RUN1) stage=input_4_state
 demo-eval-state: setup | demo-state
 	$(PY) infer.py eval_state experiment=$(EXP) trainer.num_threads=1
-demo-chat: setup | demo-state demo-prefix-main demo-eval demo-eval-output demo-eval-state
-	@cat runs/$(EXP)/eval/state.md
+demo-chat: setup | demo-state demo-prefix-main
 	$(PY) -m tools.make_chat_input --corpus $(CORPUS) --out runs/$(EXP)/chat/question.wav
 	$(PY) infer.py chat experiment=$(EXP) trainer.num_threads=1 input_wav=runs/$(EXP)/chat/question.wav output_wav=runs/$(EXP)/chat/answer.wav
 
+# The exchange runs beside the last evaluations; the summary prints every table once all are done.
 demo-all: demo-eval demo-eval-output demo-eval-state demo-chat
+	@echo "== demo summary (runs/$(EXP)/eval, runs/$(EXP)/chat)"
+	@cat runs/$(EXP)/eval/asr.md runs/$(EXP)/eval/spoken_qa.md runs/$(EXP)/eval/codec.md \
+	  runs/$(EXP)/eval/speech_output.md runs/$(EXP)/eval/state.md runs/$(EXP)/chat/answer.md
 
 demo-output: setup ## the tiny recipe of the speech-output stages (needs the corpus): codec report and Table 2
 	$(MAKE) -j2 demo-eval-output

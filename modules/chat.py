@@ -116,9 +116,10 @@ def chat(cfg: DictConfig, input_wav: str, output_wav: str) -> dict:
     elif out.parent:
         out.parent.mkdir(parents=True, exist_ok=True)
     model = DuplexModel.load(cfg)
-    results, answers = {}, []
+    results, answers, lines = {}, [], []
     for f, wav in inputs.items():
         r = chat_file(model, wav)
+        start = len(lines)
         target = out / f"{f.stem}.answer.wav" if several else out
         sf.write(target, r["track"], OUTPUT_RATE)
         user = resample(r["input"], INPUT_RATE, OUTPUT_RATE)
@@ -129,18 +130,22 @@ def chat(cfg: DictConfig, input_wav: str, output_wav: str) -> dict:
         sf.write(f"{base}.dialogue.wav", stereo, OUTPUT_RATE)
         summary = {"input": str(f), "output": str(target), "events": r["events"], "turns": r["turns"]}
         Path(f"{base}.json").write_text(json.dumps(summary, indent=1) + "\n")
-        print(f"== {f} -> {target}")
+        lines.append(f"== {f} -> {target}")
         for t in r["turns"]:
             lat = t["latency_ms"].get("total")
-            print(f"  [{t['decision_s']:6.2f} s] user (heard): {t['user_heard']}")
-            print(f"  {'':10s} assistant: {t['assistant']}   ({t['audio_s']} s of speech, first PCM after "
+            lines.append(f"  [{t['decision_s']:6.2f} s] user (heard): {t['user_heard']}")
+            lines.append(f"  {'':10s} assistant: {t['assistant']}   ({t['audio_s']} s of speech, first PCM after "
                   f"{lat:.0f} ms{', barge-in' if t['barge_in'] else ''})" if lat is not None else
                   f"  {'':10s} assistant: {t['assistant']}   (no speech)")  # fmt: skip
         dropped = [e for e in r["events"] if e["event"] in ("drop", "vad_timeout")]
         if dropped:
-            print("  turns dropped: " + ", ".join(f"{e['event']} at {e['t_s']} s" for e in dropped))
+            lines.append("  turns dropped: " + ", ".join(f"{e['event']} at {e['t_s']} s" for e in dropped))
         results[str(f)] = summary
         answers += r["turns"]
+        print("\n".join(lines[start:]))
     table = latency_table(answers)
     print(table)
-    return {"files": results, "latency_table": table, "answers": len(answers)}
+    # The transcript and the table, also as a file (`make demo` prints it again at the end).
+    report = out / "chat.md" if several else out.with_suffix(".md")
+    report.write_text("\n".join([*lines, table]) + "\n")
+    return {"files": results, "latency_table": table, "answers": len(answers), "report": str(report)}

@@ -192,7 +192,10 @@ def test_trained_chain_chats_and_is_evaluated_end_to_end(duplex_args, tmp_path, 
     corpus = load_config(["stage=input_4_state", *args]).corpus.root
     make_chat_input(corpus, str(tmp_path / "q.wav"), dialogue=0, turns=2, pause=1.0)
     out = infer.main(["chat", *args, f"input_wav={tmp_path / 'q.wav'}", f"output_wav={tmp_path / 'a.wav'}"])
-    assert out["answers"] >= 1 and "state-1 decision -> first PCM" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert out["answers"] >= 1 and "state-1 decision -> first PCM" in printed
+    report = (tmp_path / "a.md").read_text()  # the transcript and table as printed, for `make demo`'s summary
+    assert out["report"] == str(tmp_path / "a.md") and "assistant:" in report and report.strip() in printed
     assert (
         sf.info(str(tmp_path / "a.wav")).samplerate == 24000 and sf.info(str(tmp_path / "a.dialogue.wav")).channels == 2
     )
