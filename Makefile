@@ -6,7 +6,7 @@ EXP     ?= tiny
 CORPUS  ?= data/tiny
 PYTEST_ARGS ?=
 
-.PHONY: help setup corpus demo demo-all demo-input demo-llm demo-ctc-main demo-ctc-dynamic demo-align-main demo-align-dynamic demo-prompt demo-eval-asr demo-eval-qa demo-eval demo-output demo-codec demo-tokens demo-answers demo-decoder-main demo-decoder-nopre demo-prefix-main demo-prefix-nopre demo-eval-codec demo-eval-output demo-state demo-eval-state demo-chat test bench bench-data bench-llm bench-input bench-output lint format clean
+.PHONY: help setup corpus demo demo-all demo-input demo-llm demo-ctc-main demo-ctc-dynamic demo-align-main demo-align-dynamic demo-prompt demo-eval-asr demo-eval-qa demo-eval demo-output demo-codec demo-tokens demo-answers demo-decoder-main demo-decoder-nopre demo-prefix-main demo-prefix-nopre demo-eval-codec demo-eval-output demo-state demo-eval-state demo-chat test bench bench-data bench-llm bench-input bench-output bench-dialogue lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -110,13 +110,16 @@ demo-output: setup ## the tiny recipe of the speech-output stages (needs the cor
 test: setup ## the test suite (fast, CPU, no network); CI runs exactly this
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-bench: bench-data bench-llm bench-input bench-output ## all benchmarks
+bench: bench-data bench-llm bench-input bench-output bench-dialogue ## all benchmarks
 
 bench-input: setup ## streaming encoder + adapter: cost at 1 s vs 60 s, streaming vs recompute, input-path RTF
 	$(PY) -m tools.bench_input --experiment $(EXP)
 
 bench-output: setup ## speech decoder AR tokens/s, synthesis RTF, first segment -> first PCM, KV cache vs none
 	$(PY) -m tools.bench_output --experiment $(EXP)
+
+bench-dialogue: setup ## LLM step at 100 vs 2,000 tokens of context, first PCM against context, Table 4 breakdown
+	$(PY) -m tools.bench_dialogue --experiment $(EXP)
 
 bench-llm: setup ## stand-in LLM training step: fp32 vs bf16 autocast, one run
 	$(PY) -m tools.bench_llm --experiment $(EXP)

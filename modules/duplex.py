@@ -284,16 +284,18 @@ class DuplexModel:
 
     # --- output ---------------------------------------------------------------------------------
     @torch.inference_mode()
-    def _produce_text(self, s: Session, out: queue.Queue, marks: dict, t0: float) -> None:
+    def _produce_text(self, s: Session, out: queue.Queue, marks: dict, t0: float, force: list[int] | None) -> None:
         """Producer: close the user turn, decode the reply token by token into the session's
-        cache, put (segment, hidden states [n, W]) on `out` as segments complete, then None."""
+        cache, put (segment, hidden states [n, W]) on `out` as segments complete, then None.
+        `force`: the reply's ids instead of the greedy choice (each still costs its LLM step)."""
         try:
             m, st = self.llm, s.input
             logits = self.stream.close_turn(st)
             seg = TextSegmenter(self.cfg.duplex.segment_min_tokens, self.cfg.duplex.segment_comma_after)
             ids, text, seg_hidden = [], "", []
-            while len(ids) < m.cfg.speech_llm.max_answer_tokens:
-                nxt = int(logits[-1].argmax())
+            limit = m.cfg.speech_llm.max_answer_tokens if force is None else len(force)
+            while len(ids) < limit:
+                nxt = int(logits[-1].argmax()) if force is None else force[len(ids)]
                 if nxt == m.layout.eos_id:
                     break
                 ids.append(nxt)
@@ -361,16 +363,17 @@ class DuplexModel:
             emit(rest)
         marks["segments_spoken"] = marks.get("segments_spoken", 0) + 1
 
-    def respond(self, s: Session) -> Reply:
+    def respond(self, s: Session, force_ids: list[int] | None = None) -> Reply:
         """Answer the turn that ended in an "answer" event (module docstring); the session then
-        listens again, with the reply in its context."""
+        listens again, with the reply in its context. `force_ids` replaces the LLM's greedy
+        choices with a fixed reply (benchmarks and tests of untrained models)."""
         if s.mode != "answer":
             raise RuntimeError(f"respond() needs a turn that reached 'answer'; the session is {s.mode!r}")
         user = self.user_text(s)
         t0 = time.perf_counter()
         marks: dict = {}
         segments: queue.Queue = queue.Queue()
-        producer = threading.Thread(target=self._produce_text, args=(s, segments, marks, t0), daemon=True)
+        producer = threading.Thread(target=self._produce_text, args=(s, segments, marks, t0, force_ids), daemon=True)
         producer.start()
         spoken, pcm = [], []
 

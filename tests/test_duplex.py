@@ -33,20 +33,8 @@ def _model(args: list[str], *extra: str) -> DuplexModel:
 
 
 def _say(model: DuplexModel, session: Session, text: str):
-    """respond(), with the untrained LLM steered to say `text` (its logits pushed token by token)."""
-    script = iter(model.llm.tokenizer(text, add_special_tokens=False)["input_ids"])
-    prefill = model.stream._prefill
-
-    def steered(state, emb):
-        logits = prefill(state, emb)
-        logits[-1, next(script, model.llm.layout.eos_id)] += 1e4
-        return logits
-
-    model.stream._prefill = steered
-    try:
-        return model.respond(session)
-    finally:
-        model.stream._prefill = prefill
+    """respond(), with the untrained LLM made to say `text`."""
+    return model.respond(session, force_ids=model.llm.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 @pytest.fixture
@@ -211,3 +199,32 @@ def test_trained_chain_chats_and_is_evaluated_end_to_end(duplex_args, tmp_path, 
     assert (run_root / "tiny" / "eval" / "dialogue.md").is_file() and (
         run_root / "tiny" / "eval" / "state.md"
     ).is_file()
+
+
+def test_bench_dialogue_times_each_table4_step_against_context(duplex_args, tmp_path):
+    """`make bench-dialogue` with no trained chain: random weights, a forced reply; the Table 4 steps
+    add up to the total, the longer context is measured, and the report files are written."""
+    from tools import bench_dialogue
+
+    small = ["llm.arch.vocab_size=400", "llm.arch.hidden_size=32", "llm.arch.intermediate_size=64",
+             "llm.arch.num_hidden_layers=1", "llm.arch.num_attention_heads=2", "llm.arch.num_key_value_heads=1"]  # fmt: skip
+    r = bench_dialogue.main(["--contexts", "60,20", "--steps", "2", "--repeats", "1", "--threads", "1",
+                             *duplex_args, *small])  # fmt: skip
+    assert r["weights"].startswith("random weights") and r["llm_params"] < 100_000
+    assert set(r["llm_ms_per_token"]) == {20, 60} and all(v > 0 for v in r["llm_ms_per_token"].values())
+    assert [row["context"] for row in r["first_pcm"]] == [20, 60]
+    for row in r["first_pcm"]:
+        parts = sum(row["avg_ms"][k] for k in ("text", "prefill", "tokens", "pcm"))
+        assert row["avg_ms"]["total"] > 0 and abs(parts - row["avg_ms"]["total"]) < 1.0
+    assert r["paper"] == {"measured": False, "reason": "not asked (--paper)"}
+    out = Path(load_config(duplex_args, stage="input_4_state").run_root) / "tiny" / "eval"
+    assert json.loads((out / "bench_dialogue.json").read_text())["llm_step_ratio"] == r["llm_step_ratio"]
+    assert (out / "bench_dialogue.png").stat().st_size > 0
+
+
+def test_bench_paper_llm_has_qwen2_7b_shape():
+    from tools.bench_dialogue import paper_llm
+
+    llm = paper_llm("meta")
+    assert sum(p.numel() for p in llm.parameters()) == 7_615_616_512  # Qwen2-7B-Instruct
+    assert next(llm.parameters()).dtype == torch.bfloat16
