@@ -300,23 +300,27 @@ def report_table(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-SWEEP = (0.5, 0.6, 0.7, 0.8, 0.9)
+SWEEP = (0.5, 0.6, 0.7, 0.8, 0.9)  # answer thresholds
+DROP_SWEEP = (0.5, 0.7, 0.9)
 
 
-def threshold_sweep(module: SpeechLLM, turns: list[dict], drop_threshold: float) -> tuple[list[dict], str]:
-    """The answer threshold's trade-off (cut-ins vs delay vs missed answers) on `turns` (dev)."""
+def threshold_sweep(module: SpeechLLM, turns: list[dict]) -> tuple[list[dict], str]:
+    """The trade-off of the two thresholds (cut-ins vs delay vs missed answers vs false answers)
+    on `turns` (dev)."""
     rows, times = [], decision_times(module, max(t["duration"] for t in turns) + 1.0)
-    for thr in SWEEP:
-        r = state_report(module, turns, thr, drop_threshold, times)
-        d = r["endpoint_delay_ms"]
-        rows.append({"answer_threshold": thr, "answered": r["answered_questions"], "cut_in": r["cut_in_rate"],
-                     "false_answer": r["false_answer_rate"], "delay_avg_ms": d.get("avg"), "delay_p90_ms": d.get("p90")})  # fmt: skip
-    lines = ["| answer threshold | answered after the end | cut in before it | false answers | delay avg / p90 (ms) |",
-             "|---|---|---|---|---|"]  # fmt: skip
+    for drop in DROP_SWEEP:
+        for thr in SWEEP:
+            r = state_report(module, turns, thr, drop, times)
+            d = r["endpoint_delay_ms"]
+            rows.append({"answer_threshold": thr, "drop_threshold": drop, "answered": r["answered_questions"],
+                         "cut_in": r["cut_in_rate"], "false_answer": r["false_answer_rate"],
+                         "delay_avg_ms": d.get("avg"), "delay_p90_ms": d.get("p90")})  # fmt: skip
+    lines = ["| drop threshold | answer threshold | answered after the end | cut in before it | false answers | "
+             "delay avg / p90 (ms) |", "|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         delay = f"{r['delay_avg_ms']:.0f} / {r['delay_p90_ms']:.0f}" if r["delay_avg_ms"] is not None else "n/a"
-        lines.append(f"| {r['answer_threshold']} | {100 * r['answered']:.1f}% | {100 * r['cut_in']:.1f}% | "
-                     f"{100 * r['false_answer']:.1f}% | {delay} |")  # fmt: skip
+        lines.append(f"| {r['drop_threshold']} | {r['answer_threshold']} | {100 * r['answered']:.1f}% | "
+                     f"{100 * r['cut_in']:.1f}% | {100 * r['false_answer']:.1f}% | {delay} |")  # fmt: skip
     return rows, "\n".join(lines) + "\n"
 
 
@@ -327,13 +331,14 @@ def evaluate_state(cfg: DictConfig, module: SpeechLLM | None = None) -> dict:
     turns = cfg.data.turns
     s = cfg.speech_llm
     dev = record_turns(module, turns.dev_shards, cfg.eval.limit, turns.record_batch, "LLM states, dev turns")
-    sweep, sweep_table = threshold_sweep(module, dev["turns"], s.state_drop_threshold)
+    sweep, sweep_table = threshold_sweep(module, dev["turns"])
     recorded = record_turns(module, turns.test_shards, cfg.eval.limit, turns.record_batch, "LLM states, test turns")
     result = state_report(module, recorded["turns"], s.state_answer_threshold, s.state_drop_threshold)
     result["skipped"] = recorded["skipped"]
     result["dev_threshold_sweep"] = sweep
-    result["table"] = (report_table(result) + "\nThe answer threshold on the dev turns (pick it here, set "
-                       "`speech_llm.state_answer_threshold`):\n\n" + sweep_table)  # fmt: skip
+    result["table"] = (report_table(result) + "\nThe thresholds on the dev turns (pick them here, set "
+                       "`speech_llm.state_drop_threshold` and `speech_llm.state_answer_threshold`):\n\n"
+                       + sweep_table)  # fmt: skip
     out = eval_dir(cfg)
     (out / "state.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "state.md").write_text(result["table"])

@@ -145,6 +145,16 @@ def test_speech_input_stage_chain(speech_args):
     report = evaluate_state(load_config(["stage=input_4_state", *speech_args]))
     assert report["turns"] == 3 and len(report["records"]) == 3
     assert {r["decision"] for r in report["records"]} <= {LISTEN, ANSWER, DROP}
+    sweep = report["dev_threshold_sweep"]  # both thresholds on the dev turns
+    assert {(r["drop_threshold"], r["answer_threshold"]) for r in sweep} == {
+        (d, a) for d in (0.5, 0.7, 0.9) for a in (0.5, 0.6, 0.7, 0.8, 0.9)
+    }
+    for a in (0.5, 0.6, 0.7, 0.8, 0.9):  # a higher drop threshold only ever lets more turns be answered
+        rows = sorted((r for r in sweep if r["answer_threshold"] == a), key=lambda r: r["drop_threshold"])
+        answered = [r["answered"] + r["cut_in"] for r in rows]
+        assert answered == sorted(answered) and [r["false_answer"] for r in rows] == sorted(
+            r["false_answer"] for r in rows
+        )
 
     # --- evaluation: Table 1 and Table 3 from the trained chain -----------------------------------
     cfg_eval = load_config(["stage=input_3_prompt", *speech_args, "eval.variants=['',dynamic]"])
