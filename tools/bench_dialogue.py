@@ -62,12 +62,12 @@ def random_chain(overrides: list[str]) -> tuple[DuplexModel, str]:
         texts += [x for t in sample_dialogue(rng, seed, heldout=False) for x in (t.question, t.answer)]
     arch = LLMArchConfig(**cfg.llm.arch)
     tokenizer = train_bpe_tokenizer(texts, arch.vocab_size)
-    llm_dir = tempfile.mkdtemp(prefix="bench_llm_")
-    build_qwen2(arch, tokenizer).save_pretrained(llm_dir)
-    tokenizer.save_pretrained(llm_dir)
-    cfg = load_config([*overrides, f"llm.path={llm_dir}", "adapter.lexical=false"], stage="input_4_state")
-    speech_llm = build_speech_llm(cfg)
-    decoder = build_decoder(cfg).eval()
+    with tempfile.TemporaryDirectory(prefix="bench_llm_") as llm_dir:  # read once by each builder
+        build_qwen2(arch, tokenizer).save_pretrained(llm_dir)
+        tokenizer.save_pretrained(llm_dir)
+        cfg = load_config([*overrides, f"llm.path={llm_dir}", "adapter.lexical=false"], stage="input_4_state")
+        speech_llm = build_speech_llm(cfg)
+        decoder = build_decoder(cfg).eval()
     decoder.llm = speech_llm.llm
     voice = torch.zeros(cfg.codec.global_groups, dtype=torch.long)
     return DuplexModel(cfg, speech_llm, decoder, Codec(cfg).eval(), voice), "random weights (no trained chain)"
