@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 
 from datamodules.audio import AudioDecodeError, load_audio, resample, to_rate
 from modules.config import ConfigError
-from modules.duplex import LATENCY_ROWS, DuplexModel
+from modules.duplex import LATENCY_ROWS, DuplexModel, percentiles
 from modules.speech_llm import CHUNK_SAMPLES
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
@@ -60,11 +60,9 @@ def read_input(path: Path) -> np.ndarray:
     return to_rate(wav, sr, INPUT_RATE)
 
 
-def percentiles(values: list[float]) -> dict:
-    if not values:
-        return {"n": 0}
-    v = np.asarray(values, dtype=np.float64)
-    return {"n": len(v), "avg": float(v.mean()), "p50": float(np.percentile(v, 50)), "p90": float(np.percentile(v, 90))}
+def with_listening_tail(wav: np.ndarray) -> np.ndarray:
+    """The input followed by TAIL_S of silence (a microphone goes on listening after the speech)."""
+    return np.concatenate([np.asarray(wav, np.float32), np.zeros(int(TAIL_S * INPUT_RATE), np.float32)])
 
 
 def latency_table(answers: list[dict]) -> str:
@@ -80,7 +78,7 @@ def latency_table(answers: list[dict]) -> str:
 def chat_file(model: DuplexModel, wav: np.ndarray) -> dict:
     """One file through a fresh session; returns events, turns, the assistant track (24 kHz)."""
     session = model.new_session()
-    audio = np.concatenate([wav, np.zeros(int(TAIL_S * INPUT_RATE), np.float32)])
+    audio = with_listening_tail(wav)
     track = np.zeros(int(len(audio) / INPUT_RATE * OUTPUT_RATE), np.float32)
     turns, events, playing_until = [], [], 0.0
     for i in range(0, len(audio), CHUNK_SAMPLES):

@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 from omegaconf import DictConfig
 
 from datamodules.answers import check_answer
-from modules.chat import INPUT_RATE, OUTPUT_RATE, TAIL_S, latency_table
+from modules.chat import OUTPUT_RATE, latency_table, with_listening_tail
 from modules.config import eval_dir
 from modules.ctc import transcribe
 from modules.duplex import DuplexModel
@@ -40,7 +39,7 @@ def dialogue_records(cfg: DictConfig, model: DuplexModel, limit: int = 0) -> lis
     for sample in spoken_test_dialogues(cfg, limit, "spoken dialogues (speech in, speech out)"):
         session = model.new_session()
         for k, turn in enumerate(sample["turns"]):
-            wav = np.concatenate([np.asarray(turn["wav"], np.float32), np.zeros(int(TAIL_S * INPUT_RATE), np.float32)])
+            wav = with_listening_tail(turn["wav"])
             reply, events = None, []
             for i in range(0, len(wav), CHUNK_SAMPLES):
                 events += [e.kind for e in model.feed(session, wav[i : i + CHUNK_SAMPLES])]

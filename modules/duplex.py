@@ -60,6 +60,14 @@ LATENCY_ROWS = (  # (key, label): the paper's Table 4 steps
 )
 
 
+def percentiles(values: list[float]) -> dict:
+    """{"n", "avg", "p50", "p90"} of `values` ({"n": 0} when there are none)."""
+    if not values:
+        return {"n": 0}
+    v = np.asarray(values, dtype=np.float64)
+    return {"n": len(v), "avg": float(v.mean()), "p50": float(np.percentile(v, 50)), "p90": float(np.percentile(v, 90))}
+
+
 # --- VAD -------------------------------------------------------------------------------------------
 class VADGate:
     """silero-vad as a function of a per-session state (its packaged model keeps the recurrent
@@ -98,7 +106,7 @@ class Session:
 
     input: InputState
     vad: dict[str, torch.Tensor]
-    mode: str = "idle"  # idle | listen
+    mode: str = "idle"  # idle | listen | answer (until respond())
     clock: int = 0  # 160 ms input chunks consumed
     pending: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # < 160 ms not yet consumed
     preroll: list[np.ndarray] = field(default_factory=list)  # the last chunks heard while idle
@@ -212,6 +220,19 @@ class DuplexModel:
         decoder.llm = speech_llm.llm  # one copy of the frozen LLM
         judge = load_encoder_ctc(cfg) if with_judge else None
         return cls(cfg, speech_llm, decoder, load_codec(cfg), voice_tokens(cfg), judge)
+
+    @classmethod
+    def untrained(cls, cfg: DictConfig) -> DuplexModel:
+        """`cfg`'s architecture with fresh weights (tests, benchmarks): only `llm.path` must exist."""
+        from modules.codec import Codec
+        from modules.speech_decoder_stage import build as build_decoder
+        from modules.speech_llm import build as build_speech_llm
+
+        speech_llm = build_speech_llm(cfg)
+        decoder = build_decoder(cfg).eval()
+        decoder.llm = speech_llm.llm  # one copy of the frozen LLM
+        voice = torch.zeros(cfg.codec.global_groups, dtype=torch.long)
+        return cls(cfg, speech_llm, decoder, Codec(cfg).eval(), voice)
 
     def new_session(self) -> Session:
         return Session(self.stream.start(), self.vad.init_state())

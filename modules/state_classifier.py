@@ -35,6 +35,7 @@ from datamodules.features import StreamingFbank, fbank
 from datamodules.shards import SkipCounter, iter_decoded
 from datamodules.turns import ANSWER, CHUNK_S, DROP, IGNORE, LISTEN, STATE_NAMES, chunk_labels
 from modules.config import eval_dir
+from modules.duplex import percentiles
 from modules.speech_llm import ALIGN, CHUNK_SAMPLES, PROMPT, STATE, SpeechLLM, build, load_speech_llm
 from modules.training import fit, load_stage_outputs, save_stage_output, write_metrics
 
@@ -212,13 +213,6 @@ def _precision_recall(pred: list[int], gold: list[int], classes: tuple[int, ...]
     return out
 
 
-def _stats_ms(values: list[float]) -> dict:
-    if not values:
-        return {"n": 0}
-    v = np.asarray(values) * 1000
-    return {"n": len(v), "avg": float(v.mean()), "p50": float(np.percentile(v, 50)), "p90": float(np.percentile(v, 90))}
-
-
 @torch.inference_mode()
 def state_report(
     module: SpeechLLM,
@@ -262,7 +256,7 @@ def state_report(
         "chunk": _precision_recall(chunk_pred, chunk_gold, (LISTEN, ANSWER, DROP)),
         "chunk_accuracy": float(np.mean([p == g for p, g in zip(chunk_pred, chunk_gold)])),
         "turn": _precision_recall(turn_pred, turn_gold, (ANSWER, DROP)),
-        "endpoint_delay_ms": _stats_ms(delays),
+        "endpoint_delay_ms": percentiles([1000 * d for d in delays]),
         "answered_questions": len(delays) / max(questions, 1),
         "cut_in_rate": cut_ins / max(questions, 1),
         "false_answer_rate": sum(p == ANSWER for p in state2) / max(len(state2), 1),

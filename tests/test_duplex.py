@@ -12,11 +12,8 @@ import torch
 
 from datamodules.audio import load_audio
 from modules.chat import chat_file, input_files, latency_table, read_input
-from modules.codec import Codec
 from modules.config import ConfigError, load_config
 from modules.duplex import DuplexModel, Session
-from modules.speech_decoder_stage import build as build_decoder
-from modules.speech_llm import build as build_speech_llm
 from tools.make_chat_input import make_chat_input
 
 
@@ -24,12 +21,7 @@ def _model(args: list[str], *extra: str) -> DuplexModel:
     cfg = load_config(["stage=input_4_state", *args, "speech_llm.max_answer_tokens=16",
                        "speech_decoder.max_tokens=45", *extra])  # fmt: skip
     torch.manual_seed(0)
-    speech_llm = build_speech_llm(cfg)
-    decoder = build_decoder(cfg).eval()
-    decoder.llm = speech_llm.llm
-    codec = Codec(cfg).eval()
-    voice = torch.zeros(cfg.codec.global_groups, dtype=torch.long)
-    return DuplexModel(cfg, speech_llm, decoder, codec, voice)
+    return DuplexModel.untrained(cfg)
 
 
 def _say(model: DuplexModel, session: Session, text: str):

@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from modules.chat import latency_table, percentiles
+from modules.chat import latency_table
 from modules.config import eval_dir, load_config
-from modules.duplex import LATENCY_ROWS, DuplexModel
+from modules.duplex import LATENCY_ROWS, DuplexModel, percentiles
 from tools.bench_input import test_audio
 
 # A reply of three segments at the tiny experiment's segmenter settings.
@@ -51,10 +51,7 @@ def random_chain(overrides: list[str]) -> tuple[DuplexModel, str]:
     """The experiment's architecture with random weights (no trained stage needed)."""
     from datamodules.qa import sample_dialogue
     from datamodules.tokenizer import train_bpe_tokenizer
-    from modules.codec import Codec
     from modules.llm import SYSTEM_PROMPT, LLMArchConfig, build_qwen2
-    from modules.speech_decoder_stage import build as build_decoder
-    from modules.speech_llm import build as build_speech_llm
 
     cfg = load_config(overrides, stage="input_4_state")
     rng, texts = random.Random(0), [SYSTEM_PROMPT, REPLY]
@@ -66,11 +63,8 @@ def random_chain(overrides: list[str]) -> tuple[DuplexModel, str]:
         build_qwen2(arch, tokenizer).save_pretrained(llm_dir)
         tokenizer.save_pretrained(llm_dir)
         cfg = load_config([*overrides, f"llm.path={llm_dir}", "adapter.lexical=false"], stage="input_4_state")
-        speech_llm = build_speech_llm(cfg)
-        decoder = build_decoder(cfg).eval()
-    decoder.llm = speech_llm.llm
-    voice = torch.zeros(cfg.codec.global_groups, dtype=torch.long)
-    return DuplexModel(cfg, speech_llm, decoder, Codec(cfg).eval(), voice), "random weights (no trained chain)"
+        model = DuplexModel.untrained(cfg)
+    return model, "random weights (no trained chain)"
 
 
 def load_chain(overrides: list[str]) -> tuple[DuplexModel, str]:
