@@ -48,11 +48,11 @@ demo-ctc-main: setup
 	$(RUN1) stage=input_1_ctc
 demo-ctc-dynamic: setup | demo-ctc-main
 	$(RUN1) stage=input_1_ctc $(DYN) $(DYN_INIT)
-demo-align-main: setup | demo-llm demo-ctc-main
+demo-align-main: setup | demo-answers demo-ctc-main
 	$(RUN1) stage=input_2_align
-demo-align-dynamic: setup | demo-llm demo-ctc-dynamic
+demo-align-dynamic: setup | demo-answers demo-ctc-dynamic
 	$(RUN1) stage=input_2_align $(DYN)
-demo-prompt: setup | demo-align-main demo-answers
+demo-prompt: setup | demo-align-main
 	$(RUN1) stage=input_3_prompt
 demo-eval-asr: setup | $(ASR_RUNS)
 	$(PY) infer.py eval_asr experiment=$(EXP) trainer.num_threads=1

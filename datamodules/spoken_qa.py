@@ -31,7 +31,9 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, ClassVar
 
+import lightning as L
 import torch
+from lightning.pytorch.utilities.combined_loader import CombinedLoader
 
 from datamodules.asr import ASRDataConfig, ASRDataModule
 from datamodules.shards import Sample, pad_feats
@@ -81,3 +83,34 @@ class SpokenQADataModule(ASRDataModule):
 
     def _collate(self) -> Callable[[list[Sample]], dict]:
         return partial(collate_qa, keep_wav=bool(getattr(self.config, "keep_wav", False)))
+
+
+class PairedDataModule(L.LightningDataModule):
+    """Two or more shard data modules read side by side: every batch is ``{name: batch}``.
+
+    Training cycles the shorter streams until the longest ends (Lightning's "max_size_cycle");
+    validation stops with the shortest ("min_size"), so a validation step sees every part too.
+    The parts read the rank and world size of the trainer this module is attached to.
+    """
+
+    def __init__(self, **parts: L.LightningDataModule) -> None:
+        super().__init__()
+        if not parts:
+            raise ValueError("PairedDataModule needs at least one named data module")
+        self.parts = parts
+
+    def setup(self, stage: str | None = None) -> None:
+        for part in self.parts.values():
+            part.trainer = self.trainer
+            part.setup(stage)
+
+    def _combined(self, method: str, mode: str) -> CombinedLoader:
+        for part in self.parts.values():
+            part.trainer = self.trainer
+        return CombinedLoader({name: getattr(part, method)() for name, part in self.parts.items()}, mode=mode)
+
+    def train_dataloader(self) -> CombinedLoader:
+        return self._combined("train_dataloader", "max_size_cycle")
+
+    def val_dataloader(self) -> CombinedLoader:
+        return self._combined("val_dataloader", "min_size")

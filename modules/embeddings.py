@@ -32,6 +32,13 @@ class SpeechLLMConfig:
     # Inference is unchanged.
     embedding_ctc_weight: float = 0.0
     embedding_ctc_scale: float = 16.0
+    # Stage input_2_align's objective: align_asr_weight x the transcript CE ("Repeat after me")
+    # + align_qa_weight x the CE of the frozen LLM's own answers to spoken QA (stage
+    # input_3_prompt's targets and layout, with the prompt vectors as they start), each on its own
+    # batch every step. The QA term teaches the encoder and adapter to carry what the LLM needs
+    # to answer, not only to repeat (behaviour alignment). The paper's stage 2: 1 and 0.
+    align_asr_weight: float = 1.0
+    align_qa_weight: float = 0.0
     # Stage input_3_prompt targets: the frozen LLM's own answers to the text questions,
     # generated once (tools.make_llm_answers) and cached here.
     answers_dir: str = "${run_root}/${experiment}/llm_answers"

@@ -35,7 +35,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from datamodules.asr import ASRDataModule
 from datamodules.features import StreamingFbank
-from datamodules.spoken_qa import SpokenQADataModule
+from datamodules.spoken_qa import PairedDataModule, SpokenQADataModule
 from datamodules.text_qa import IGNORE_INDEX
 from datamodules.transcripts import LLMTokenUnits
 from datamodules.turns import IGNORE
@@ -57,6 +57,7 @@ from modules.training import (
 log = logging.getLogger(__name__)
 
 ALIGN, PROMPT, STATE = "input_2_align", "input_3_prompt", "input_4_state"
+PAIRED_TASKS = {"asr": ALIGN, "qa": PROMPT}  # the parts of a stage-2 batch with the QA term, and their layouts
 NUM_STATES = 4  # the state head's outputs: listen, answer, drop and an ignored fourth (as the release)
 CHUNK_SAMPLES = 2560  # the streaming chunk: 160 ms of 16 kHz audio
 
@@ -220,8 +221,8 @@ class SpeechLLM(StageModule):
         return loss, acc
 
     # --- batches of the two stages ------------------------------------------------------------
-    def dialogues_of(self, batch: dict) -> list[list[Turn]]:
-        if self.task == ALIGN:
+    def dialogues_of(self, batch: dict, task: str) -> list[list[Turn]]:
+        if task == ALIGN:
             return [[Turn(i, t)] for i, t in enumerate(batch["texts"])]
         answers = self.llm_answers
         out: list[list[Turn]] = [[] for _ in batch["keys"]]
@@ -245,15 +246,35 @@ class SpeechLLM(StageModule):
         targets = [[i + 1 for i in self.tokenizer(t, add_special_tokens=False)["input_ids"]] for t in texts]
         return ctc_loss((sim * self.cfg.speech_llm.embedding_ctc_scale).log_softmax(-1), lens, targets)
 
-    def _step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def _task_loss(self, batch: dict, task: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """CE of one batch laid out for `task`, its token accuracy and its number of sequences."""
         speech, lens = self.speech_embeddings(batch["feats"], batch["feats_lens"])
-        dialogues = self.dialogues_of(batch)
-        emb, mask, labels = self.build_sequences(speech, lens, dialogues, self.task, left_pad=False)
+        dialogues = self.dialogues_of(batch, task)
+        emb, mask, labels = self.build_sequences(speech, lens, dialogues, task, left_pad=False)
         loss, acc = self.sequence_loss(emb, mask, labels)
         weight = float(self.cfg.speech_llm.embedding_ctc_weight)
-        if weight > 0 and self.task == ALIGN:
+        if weight > 0 and task == ALIGN:
             loss = loss + weight * self.embedding_ctc_loss(speech, lens, batch["texts"])
         return loss, acc, len(dialogues)
+
+    def _step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, int, dict[str, torch.Tensor]]:
+        """(loss, token accuracy, sequences, extra metrics) of a training or validation batch.
+
+        With `speech_llm.align_qa_weight` (stage input_2_align) a batch is {"asr": .., "qa": ..}
+        (`PairedDataModule`; "asr" only while align_asr_weight > 0) and the loss is the weighted
+        sum of the transcript and spoken-QA answer losses; accuracy and size are the first part's.
+        """
+        if not set(batch) <= set(PAIRED_TASKS):
+            return *self._task_loss(batch, self.task), {}
+        weights = {"asr": self.cfg.speech_llm.align_asr_weight, "qa": self.cfg.speech_llm.align_qa_weight}
+        total, extra, first = 0.0, {}, None
+        for part, task in PAIRED_TASKS.items():
+            if part in batch:
+                loss, acc, n = self._task_loss(batch[part], task)
+                total = total + float(weights[part]) * loss
+                extra.update({f"{part}_loss": loss, f"{part}_token_acc": acc})
+                first = first or (acc, n)
+        return total, first[0], first[1], extra
 
     def state_probs(self, hidden: torch.Tensor) -> torch.Tensor:
         """P(listen, answer, drop) [..., 3] from LLM last hidden states [..., D]: a softmax over the
@@ -279,33 +300,40 @@ class SpeechLLM(StageModule):
     def training_step(self, batch, batch_idx):
         if self.task == STATE:
             return self._state_step(batch, "train")
-        loss, acc, n = self._step(batch)
+        loss, acc, n, extra = self._step(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         self.log("train/token_acc", acc, batch_size=n)
-        for reason, count in batch["skipped"].items():
-            self.log(f"data/skipped_{reason}", float(count), reduce_fx="sum", batch_size=n)
+        for name, value in extra.items():
+            self.log(f"train/{name}", value, batch_size=n)
+        for part in [batch[p] for p in PAIRED_TASKS if p in batch] or [batch]:
+            for reason, count in part["skipped"].items():
+                self.log(f"data/skipped_{reason}", float(count), reduce_fx="sum", batch_size=n)
         return loss
 
     def validation_step(self, batch, batch_idx):
         if self.task == STATE:
             return self._state_step(batch, "val")
-        loss, acc, n = self._step(batch)
+        loss, acc, n, extra = self._step(batch)
         self.log("val/loss", loss, prog_bar=True, batch_size=n)
         self.log("val/token_acc", acc, prog_bar=True, batch_size=n)
+        for name, value in extra.items():
+            self.log(f"val/{name}", value, prog_bar=name == "qa_token_acc", batch_size=n)
         if batch_idx == 0 and not self.trainer.sanity_checking and hasattr(self.logger, "experiment"):
             self._log_samples(batch)
 
     def _log_samples(self, batch: dict) -> None:
-        if self.task == ALIGN:
-            feats, lens = batch["feats"][:4], batch["feats_lens"][:4]
-            refs = batch["texts"][:4]
-        else:
-            first = (batch["turn_index"] == 0).nonzero().flatten()[:4]
-            feats, lens = batch["feats"][first], batch["feats_lens"][first]
-            refs = [batch["questions"][int(batch["dialogue_index"][i])][0] for i in first]
-        hyps = self.generate(feats, lens, self.task)
-        text = "\n\n".join(f"SPOKEN: {r}  \nLLM: {h}" for r, h in zip(refs, hyps))
-        self.logger.experiment.add_text(f"samples/{self.task}", text, self.global_step)
+        parts = [(batch[p], task) for p, task in PAIRED_TASKS.items() if p in batch] or [(batch, self.task)]
+        for part, task in parts:
+            if task == ALIGN:
+                feats, lens = part["feats"][:4], part["feats_lens"][:4]
+                refs = part["texts"][:4]
+            else:
+                first = (part["turn_index"] == 0).nonzero().flatten()[:4]
+                feats, lens = part["feats"][first], part["feats_lens"][first]
+                refs = [part["questions"][int(part["dialogue_index"][i])][0] for i in first]
+            hyps = self.generate(feats, lens, task)
+            text = "\n\n".join(f"SPOKEN: {r}  \nLLM: {h}" for r, h in zip(refs, hyps))
+            self.logger.experiment.add_text(f"samples/{task}", text, self.global_step)
 
     def configure_optimizers(self):
         return make_optimizer(self, self.cfg.optim, self.cfg.trainer.max_steps)
@@ -525,12 +553,21 @@ def run(cfg: DictConfig) -> dict:
     module = build(cfg)
     load_stage_outputs(cfg, module)
     counts = module.apply_freezing(list(cfg.stage.trainable))
-    if module.task == PROMPT:
+    qa_term = module.task == ALIGN and cfg.speech_llm.align_qa_weight > 0
+    if module.task == ALIGN and cfg.speech_llm.align_asr_weight <= 0 and not qa_term:
+        raise ValueError("stage input_2_align needs speech_llm.align_asr_weight > 0 or align_qa_weight > 0")
+    if module.task == PROMPT or qa_term:
         from tools.make_llm_answers import ensure_llm_answers
 
         ensure_llm_answers(cfg)
         module.llm_answers = {**read_llm_answers(cfg, "train"), **read_llm_answers(cfg, "dev")}
+    if module.task == PROMPT:
         data = SpokenQADataModule(encoder_data_config(cfg, "spoken_qa"))
+    elif qa_term:
+        parts = {"qa": SpokenQADataModule(encoder_data_config(cfg, "spoken_qa"))}
+        if cfg.speech_llm.align_asr_weight > 0:
+            parts["asr"] = ASRDataModule(encoder_data_config(cfg, "asr"))
+        data = PairedDataModule(**parts)
     else:
         data = ASRDataModule(encoder_data_config(cfg, "asr"))
     trainer = fit(cfg, module, data)

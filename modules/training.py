@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from modules.config import OptimConfig, run_dir, save_config, to_container
@@ -171,13 +171,32 @@ def build_trainer(cfg: DictConfig, monitor: str = "val/loss", manual_optimizatio
     )
 
 
+# Settings a resumed run may change (more steps, other threads or logging; where runs live).
+RESUMABLE_CHANGES = ("trainer", "resume", "run_root", "eval", "stages")
+
+
 def fit(cfg: DictConfig, module: L.LightningModule, datamodule: L.LightningDataModule) -> L.Trainer:
-    """Save the resolved config, then train; resume from last.ckpt when `cfg.resume`."""
+    """Save the resolved config, then train; resume from last.ckpt when `cfg.resume`.
+
+    A run only resumes with the settings it was started with (`trainer.*` aside, e.g. more
+    steps): a changed recipe raises, naming the settings, instead of continuing the old run.
+    """
     out = run_dir(cfg)
-    save_config(cfg, out / "config.yaml")
-    trainer = build_trainer(cfg, manual_optimization=not module.automatic_optimization)
     last = out / "checkpoints" / "last.ckpt"
     ckpt_path = str(last) if cfg.resume and last.is_file() else None
+    if ckpt_path and (out / "config.yaml").is_file():
+        theirs = to_container(OmegaConf.load(out / "config.yaml"))
+        ours = to_container(OmegaConf.create(OmegaConf.to_yaml(cfg, resolve=True)))  # as saved: tuples are lists
+        sections = [k for k in set(theirs) | set(ours) if k not in RESUMABLE_CHANGES]
+        diff = config_differences(theirs, ours, sections=sections)
+        if diff:
+            raise ValueError(
+                f"{last} was written by a run with other settings (theirs -> ours):\n  "
+                + "\n  ".join(diff[:12])
+                + f"\nresume=false starts stage '{cfg.stage.name}' over (replacing that run), or undo the changes to continue it"
+            )
+    save_config(cfg, out / "config.yaml")
+    trainer = build_trainer(cfg, manual_optimization=not module.automatic_optimization)
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)

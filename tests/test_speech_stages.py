@@ -108,9 +108,42 @@ def test_speech_input_stage_chain(speech_args):
     assert torch.equal(m2.encoder.cmvn_mean, saved["encoder.cmvn_mean"])
     m2.apply_freezing(list(cfg2.stage.trainable))
     _check_one_step(m2, _first_batch(ASRDataModule(encoder_data_config(cfg2))), DECLARED["input_2_align"])
-    metrics = train.main(["stage=input_2_align", *speech_args])
+    paper = ["speech_llm.align_asr_weight=1", "speech_llm.align_qa_weight=0"]  # transcripts only
+    metrics = train.main(["stage=input_2_align", *speech_args, *paper])
     assert metrics["train_steps"] == 2 and "llm_wer_dev_chunk4" in metrics
     assert _saved_components(cfg2) == DECLARED["input_2_align"]
+
+    # --- stage 2 with the spoken-QA answer term: paired batches, the same trainable set ------------
+    qa_args = ["stage=input_2_align", *speech_args, "speech_llm.align_asr_weight=1", "speech_llm.align_qa_weight=0.5"]
+    cfg2q = load_config(qa_args)
+    ensure_llm_answers(cfg2q)
+    m2q = build(cfg2q)
+    load_stage_outputs(cfg2q, m2q)
+    m2q.apply_freezing(list(cfg2q.stage.trainable))
+    m2q.llm_answers = read_llm_answers(cfg2q, "train")
+    paired = {
+        "asr": _first_batch(ASRDataModule(encoder_data_config(cfg2q))),
+        "qa": _first_batch(SpokenQADataModule(encoder_data_config(cfg2q, "spoken_qa"))),
+    }
+    m2q.eval()
+    with torch.no_grad():
+        total, _, n, extra = m2q._step(paired)
+        plain = m2q._step(paired["asr"])[0]
+    assert n == len(paired["asr"]["texts"]) and extra["qa_loss"] > 0
+    assert torch.allclose(total, plain + 0.5 * extra["qa_loss"]) and torch.allclose(extra["asr_loss"], plain)
+    _check_one_step(m2q, paired, DECLARED["input_2_align"])  # the prompt it reads stays frozen
+    with torch.no_grad():  # spoken QA alone (the tiny recipe: align_asr_weight=0)
+        m2q.cfg.speech_llm.align_asr_weight = 0.0
+        qa_only, qa_acc, n_qa, extra_qa = m2q._step({"qa": paired["qa"]})
+    assert set(extra_qa) == {"qa_loss", "qa_token_acc"} and n_qa == len(paired["qa"]["keys"])
+    assert torch.allclose(qa_only, 0.5 * extra_qa["qa_loss"]) and torch.equal(qa_acc, extra_qa["qa_token_acc"])
+    metrics = train.main(qa_args)  # Lightning reads both streams, in training and in validation
+    assert metrics["train_steps"] == 2 and _saved_components(cfg2q) == DECLARED["input_2_align"]
+    assert (run_dir(cfg2q) / "tb").is_dir()
+    with pytest.raises(ValueError, match="align_asr_weight > 0 or align_qa_weight > 0"):
+        train.main(
+            ["stage=input_2_align", *speech_args, "speech_llm.align_asr_weight=0", "speech_llm.align_qa_weight=0"]
+        )
 
     # --- stage 3: prompt vectors on spoken QA with the LLM's own answers -------------------------
     cfg3 = load_config(["stage=input_3_prompt", *speech_args])

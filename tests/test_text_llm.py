@@ -287,6 +287,9 @@ def test_short_fit_saves_a_loadable_llm_and_resumes(tmp_path, transcripts):
 
     again = train.main([*args, "trainer.max_steps=6"])  # resumes from last.ckpt
     assert again["train_steps"] == 6
+    with pytest.raises(ValueError, match=r"other settings .*\n  optim.lr: 0.003 -> 0.001\nresume=false"):
+        train.main([*args, "trainer.max_steps=8", "optim.lr=1e-3"])  # another recipe never continues this run
+    assert train.main([*args, "trainer.max_steps=2", "optim.lr=1e-3", "resume=false"])["train_steps"] == 2
 
 
 def test_repeat_evaluation_normalizes_and_lists_failures(monkeypatch):
