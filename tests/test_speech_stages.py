@@ -137,7 +137,7 @@ def test_speech_input_stage_chain(speech_args):
         qa_only, qa_acc, n_qa, extra_qa = m2q._step({"qa": paired["qa"]})
     assert set(extra_qa) == {"qa_loss", "qa_token_acc"} and n_qa == len(paired["qa"]["keys"])
     assert torch.allclose(qa_only, 0.5 * extra_qa["qa_loss"]) and torch.equal(qa_acc, extra_qa["qa_token_acc"])
-    metrics = train.main(qa_args)  # Lightning reads both streams, in training and in validation
+    metrics = train.main([*qa_args, "resume=false"])  # both streams, in training and validation
     assert metrics["train_steps"] == 2 and _saved_components(cfg2q) == DECLARED["input_2_align"]
     assert (run_dir(cfg2q) / "tb").is_dir()
     with pytest.raises(ValueError, match="align_asr_weight > 0 or align_qa_weight > 0"):
