@@ -101,11 +101,10 @@ class PairedDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         for part in self.parts.values():
-            part.trainer = self.trainer
             part.setup(stage)
 
     def _combined(self, method: str, mode: str) -> CombinedLoader:
-        for part in self.parts.values():
+        for part in self.parts.values():  # the parts' loaders split the shards by this trainer's rank
             part.trainer = self.trainer
         return CombinedLoader({name: getattr(part, method)() for name, part in self.parts.items()}, mode=mode)
 

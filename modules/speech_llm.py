@@ -257,6 +257,10 @@ class SpeechLLM(StageModule):
             loss = loss + weight * self.embedding_ctc_loss(speech, lens, batch["texts"])
         return loss, acc, len(dialogues)
 
+    def _parts(self, batch: dict) -> list[tuple[dict, str]]:
+        """(batch, task) of each part of a paired stage-2 batch (`PairedDataModule`), else of the batch."""
+        return [(batch[p], task) for p, task in PAIRED_TASKS.items() if p in batch] or [(batch, self.task)]
+
     def _step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, int, dict[str, torch.Tensor]]:
         """(loss, token accuracy, sequences, extra metrics) of a training or validation batch.
 
@@ -305,7 +309,7 @@ class SpeechLLM(StageModule):
         self.log("train/token_acc", acc, batch_size=n)
         for name, value in extra.items():
             self.log(f"train/{name}", value, batch_size=n)
-        for part in [batch[p] for p in PAIRED_TASKS if p in batch] or [batch]:
+        for part, _ in self._parts(batch):
             for reason, count in part["skipped"].items():
                 self.log(f"data/skipped_{reason}", float(count), reduce_fx="sum", batch_size=n)
         return loss
@@ -322,8 +326,7 @@ class SpeechLLM(StageModule):
             self._log_samples(batch)
 
     def _log_samples(self, batch: dict) -> None:
-        parts = [(batch[p], task) for p, task in PAIRED_TASKS.items() if p in batch] or [(batch, self.task)]
-        for part, task in parts:
+        for part, task in self._parts(batch):
             if task == ALIGN:
                 feats, lens = part["feats"][:4], part["feats_lens"][:4]
                 refs = part["texts"][:4]
