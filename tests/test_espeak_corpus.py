@@ -16,7 +16,7 @@ import soundfile as sf
 from datamodules.espeak import ESpeak
 from datamodules.sentences import MAX_WORDS, MIN_WORDS, generate_sentences
 from datamodules.voices import ASSISTANT_VOICE, Voice, build_voices
-from tools.make_corpus import make_corpus
+from tools.make_corpus import _plan_tts, make_corpus
 
 TEXT = "The quick brown fox jumps over the lazy dog."
 
@@ -219,3 +219,13 @@ def test_make_corpus_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
         progress=False,
     )
     assert stats3["asr"]["train"]["utterances"] == 16
+
+
+def test_tts_speaks_the_answers_of_the_first_dialogues_only() -> None:
+    """The TTS split takes the answers of the first N QA dialogues of a split, in order."""
+    qa = {"train": [{"id": f"d{i}", "turns": [{"answer": f"answer {i}.{k}"} for k in range(2)]} for i in range(5)]}
+    plan = _plan_tts(7, 10, qa, max_dialogues=3)
+    answers = [r for r in plan["train"] if not r["id"].startswith("tts-train-")]
+    assert [r["id"] for r in answers] == [f"tts-d{i}-t{k}" for i in range(3) for k in range(2)]
+    assert [r["text"] for r in answers] == [f"answer {i}.{k}" for i in range(3) for k in range(2)]
+    assert len(plan["train"]) == 8 + 6 and plan["dev"] == _plan_tts(7, 10, qa)["dev"]

@@ -28,8 +28,8 @@ eSpeak's native 22050 Hz (resampling is left to the feature pipeline); the TTS s
 and the speech decoder's data, is resampled once to the codec's 24 kHz (`datamodules.audio.resample`).
 
 The TTS split speaks, in the assistant voice, templated sentences (`--n-tts`, 80/10/10) plus the
-reference answers of the QA dialogues of the same split, so the speech decoder learns the
-answers' words ("counting back from twelve: eleven, ten").
+reference answers of the QA dialogues of the same split (the first `TTS_QA_DIALOGUES`), so the
+speech decoder learns the answers' words ("counting back from twelve: eleven, ten").
 
 The turns split (`--n-turns`, 80/10/10, in the voices of each split) teaches the state classifier
 when a user turn is over and whether it asks for an answer: questions (some with a pause in the
@@ -202,8 +202,17 @@ def _plan_qa(seed: int, voices: dict[str, list[Voice]], qa_builder: QABuilder) -
 
 
 # --- Writing -------------------------------------------------------------------------------------
-def _plan_tts(seed: int, n_tts: int, qa_plan: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
-    """TTS texts per split: ``n_tts`` sentences (80/10/10) + the split's QA reference answers."""
+# The TTS split speaks the answers of the first 1,200 QA dialogues of a split: the assistant voice
+# has 2.6 h of training speech (as before the QA training split doubled, corpus v10), and a
+# corpus build stays within the demo's budget.
+TTS_QA_DIALOGUES = 1200
+
+
+def _plan_tts(
+    seed: int, n_tts: int, qa_plan: dict[str, list[dict[str, Any]]], max_dialogues: int = TTS_QA_DIALOGUES
+) -> dict[str, list[dict[str, Any]]]:
+    """TTS texts per split: ``n_tts`` sentences (80/10/10) + the reference answers of the split's
+    first ``max_dialogues`` QA dialogues."""
     rng = random.Random(f"tts:{seed}")
     sentences = generate_sentences(n_tts, rng)
     plan: dict[str, list[dict[str, Any]]] = {}
@@ -211,7 +220,8 @@ def _plan_tts(seed: int, n_tts: int, qa_plan: dict[str, list[dict[str, Any]]]) -
     for split, size in _split_sizes(n_tts).items():
         rows = [{"id": f"tts-{split}-{i:06d}", "text": t} for i, t in enumerate(sentences[start : start + size])]
         start += size
-        answers = [(d["id"], k, t["answer"]) for d in qa_plan.get(split, []) for k, t in enumerate(d["turns"])]
+        dialogues = qa_plan.get(split, [])[:max_dialogues]
+        answers = [(d["id"], k, t["answer"]) for d in dialogues for k, t in enumerate(d["turns"])]
         rows += [{"id": f"tts-{did}-t{k}", "text": str(text)} for did, k, text in answers]
         plan[split] = rows
     return plan

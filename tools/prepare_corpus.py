@@ -81,7 +81,7 @@ def prepare_corpus(
             }
     t_shards = time.perf_counter() - t0 - t_synth
 
-    cmvn, used, skipped = compute_cmvn(str(shard_dir(out, "asr", "train")), progress=progress)
+    cmvn, used, skipped = compute_cmvn(str(shard_dir(out, "asr", "train")), progress=progress, workers=workers)
     cmvn.save(out / "cmvn.json")
     summary = {
         "settings": settings,
