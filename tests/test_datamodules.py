@@ -115,7 +115,6 @@ def test_cli_outputs(data):
     assert cmvn["frame_num"] > 1000
 
 
-
 def test_cmvn_workers_equal_one_process(data):
     """Shards shared out over processes give the statistics of one process reading them all."""
     one, used_one, _ = compute_cmvn.compute_cmvn(str(data["asr"]), progress=False)
@@ -123,6 +122,7 @@ def test_cmvn_workers_equal_one_process(data):
     assert used_one == used_two == N_ASR and skipped == {} and one.frame_num == two.frame_num
     np.testing.assert_allclose(two.mean_stat, one.mean_stat, rtol=1e-12)
     np.testing.assert_allclose(two.var_stat, one.var_stat, rtol=1e-12)
+
 
 def _check_asr_batch(batch: dict, max_frames: int) -> None:
     feats, lens = batch["feats"], batch["feats_lens"]
