@@ -85,6 +85,8 @@ class TrainerConfig:
     devices: Any = 1
     num_nodes: int = 1
     strategy: str = "auto"
+    # Lightning's precision names, or `auto`: bf16-mixed where the hardware computes bf16 natively
+    # (a CUDA GPU, a CPU with AMX / AVX512-BF16), else 32-true (`modules.training.resolve_precision`).
     precision: str = "32-true"
     max_steps: int = 1000
     val_check_interval: int = 200

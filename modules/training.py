@@ -129,6 +129,31 @@ def apply_num_threads(cfg: DictConfig) -> None:
         torch.set_num_threads(cfg.trainer.num_threads)
 
 
+def native_bf16(accelerator: str) -> bool:
+    """Whether the device the run trains on computes bf16 in hardware: a CUDA GPU that supports
+    it, or a CPU with AMX or AVX512-BF16. Elsewhere (e.g. an AVX2-only CPU) torch emulates bf16
+    matmuls, and a bf16-mixed step is many times slower than fp32 (README: Benchmarks)."""
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    cpu = torch.cpu
+    return any(getattr(cpu, f, lambda: False)() for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """`trainer.precision`, with `auto` made concrete: bf16-mixed where `native_bf16`, else 32-true.
+    An explicit bf16 precision on hardware without native bf16 runs, with a warning."""
+    fast = native_bf16(accelerator)
+    if precision == "auto":
+        return "bf16-mixed" if fast else "32-true"
+    if precision.startswith("bf16") and not fast:
+        log.warning(
+            "trainer.precision=%s on hardware without native bf16: torch emulates it, which can make a "
+            "step many times slower than 32-true (trainer.precision=auto picks the faster one)",
+            precision,
+        )
+    return precision
+
+
 def build_trainer(cfg: DictConfig, monitor: str = "val/loss", manual_optimization: bool = False) -> L.Trainer:
     """A Trainer logging to runs/<exp>/<stage>/tb and checkpointing to .../checkpoints.
 
@@ -137,6 +162,8 @@ def build_trainer(cfg: DictConfig, monitor: str = "val/loss", manual_optimizatio
     """
     t = cfg.trainer
     apply_num_threads(cfg)
+    precision = resolve_precision(t.precision, t.accelerator)
+    log.info("precision: %s%s", precision, " (trainer.precision=auto)" if t.precision == "auto" else "")
     out = run_dir(cfg)
     ckpt = ModelCheckpoint(
         dirpath=out / "checkpoints",
@@ -155,7 +182,7 @@ def build_trainer(cfg: DictConfig, monitor: str = "val/loss", manual_optimizatio
         devices=t.devices,
         num_nodes=t.num_nodes,
         strategy=t.strategy,
-        precision=t.precision,
+        precision=precision,
         max_steps=t.max_steps,
         val_check_interval=t.val_check_interval,
         check_val_every_n_epoch=None,  # streaming data has no epochs: validate every N steps

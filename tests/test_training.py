@@ -5,8 +5,9 @@ import pytest
 import torch
 from torch import nn
 
+from modules import training
 from modules.config import load_config
-from modules.training import StageModule, make_optimizer
+from modules.training import StageModule, make_optimizer, resolve_precision
 
 
 class TwoParts(StageModule):
@@ -83,3 +84,21 @@ def test_incompatible_checkpoint_names_both_sizes(cfg):
 def test_unknown_trainable_component_is_an_error(cfg):
     with pytest.raises(ValueError, match=r"unknown components \['adapter'\].*\['encoder', 'head'\]"):
         _module(cfg, ["adapter"])
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch, caplog, native):
+    monkeypatch.setattr(training, "native_bf16", lambda accelerator: native)
+    assert resolve_precision("auto", "cpu") == ("bf16-mixed" if native else "32-true")
+    assert resolve_precision("32-true", "cpu") == "32-true"
+    with caplog.at_level("WARNING", logger="modules.training"):
+        assert resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"  # an explicit choice stands
+    assert ("emulates" in caplog.text) == (not native)
+
+
+def test_native_bf16_follows_the_cpu_flags(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for amx, avx512 in [(False, False), (True, False), (False, True)]:
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512: v, raising=False)
+        assert training.native_bf16("cpu") == (amx or avx512)
