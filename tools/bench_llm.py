@@ -4,8 +4,9 @@
 
 Builds the experiment's LLM architecture (random weights), and times forward + backward +
 AdamW on batches of about `--tokens` tokens in both precisions in one run, alternating
-them so both see the same machine load. The ratio decides `trainer.precision` for stage
-llm_text on CPUs: bf16 pays off where the CPU has AMX or AVX512-BF16.
+them so both see the same machine load. bf16 pays off only where the CPU has AMX or
+AVX512-BF16; elsewhere torch emulates it. `trainer.precision=auto` (the tiny experiment's
+choice) picks bf16-mixed on such CPUs only; the last line says what it picks here.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from transformers import Qwen2ForCausalLM
 
 from modules.config import load_config
 from modules.llm import qwen2_config
+from modules.training import native_bf16, resolve_precision
 
 
 def step_ms(model: torch.nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor, bf16: bool) -> float:
@@ -61,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, ms in (("fp32", fp32), ("bf16 autocast", bf16)):
         print(f"| {name} | {ms:.0f} | {ids.numel() / ms * 1000:.0f} |")
     print(f"bf16 speed-up: {fp32 / bf16:.2f}x")
+    native = native_bf16("cpu")
+    print(
+        f"this CPU {'has' if native else 'lacks'} native bf16 (AMX / AVX512-BF16): "
+        f"trainer.precision=auto trains in {resolve_precision('auto', 'cpu')}"
+    )
     return 0
 
 
