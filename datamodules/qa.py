@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datamodules.answers import number_to_words as w
 
 HELDOUT_PERCENT = 15
-DEFAULT_SPLIT_SIZES = {"train": 2400, "dev": 100, "test": 200}  # dialogues
+DEFAULT_SPLIT_SIZES = {"train": 1200, "dev": 100, "test": 200}  # dialogues
 
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 MONTHS = [

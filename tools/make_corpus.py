@@ -202,9 +202,9 @@ def _plan_qa(seed: int, voices: dict[str, list[Voice]], qa_builder: QABuilder) -
 
 
 # --- Writing -------------------------------------------------------------------------------------
-# The TTS split speaks the answers of the first 1,200 QA dialogues of a split: the assistant voice
-# has 2.6 h of training speech (as before the QA training split doubled, corpus v10), and a
-# corpus build stays within the demo's budget.
+# The TTS split speaks the answers of the first 1,200 QA dialogues of a split (all of the default
+# corpus's): a corpus with more QA dialogues (`prepare_corpus --qa-train`) keeps the assistant
+# voice's 2.6 h of training speech and its build time.
 TTS_QA_DIALOGUES = 1200
 
 

@@ -1,6 +1,6 @@
 """Build the tiny corpus in one command: synthesize, write shards, compute CMVN stats.
 
-    python -m tools.prepare_corpus --out data/tiny [--seed 1234] [--n-asr 3000] [--n-tts 1500] [--workers 2] [--force]
+    python -m tools.prepare_corpus --out data/tiny [--seed 1234] [--n-asr 3000] [--n-tts 1500] [--qa-train 1200] [--workers 2] [--force]
 
 1. `tools.make_corpus` synthesizes the eSpeak NG corpus (audio + JSONL manifests).
 2. Every manifest goes through the shard writer used for real corpora
@@ -14,6 +14,7 @@ unless `--force` is given.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from datamodules.corpus import CORPUS_VERSION, KINDS, SPLITS, manifest_path, shard_dir
 from datamodules.manifests import read_jsonl_manifest
+from datamodules.qa import DEFAULT_SPLIT_SIZES, build_qa_splits
 from datamodules.shard_writer import write_shards
 from tools.compute_cmvn import compute_cmvn
 from tools.make_corpus import make_corpus
@@ -37,6 +39,7 @@ def prepare_corpus(
     qa_builder=None,
     n_tts: int = 1500,
     n_turns: int = 2600,
+    qa_train: int = DEFAULT_SPLIT_SIZES["train"],
 ) -> dict:
     """Returns the summary also written to `<out>/prepared.json`."""
     out = Path(out)
@@ -48,6 +51,11 @@ def prepare_corpus(
         "n_turns": n_turns,
         "shard_max_mb": shard_max_mb,
     }
+    if qa_train != DEFAULT_SPLIT_SIZES["train"]:  # the default leaves older corpora's settings as they were
+        settings["qa_train"] = qa_train
+        if qa_builder is None:
+            sizes = {**DEFAULT_SPLIT_SIZES, "train": qa_train}
+            qa_builder = functools.partial(build_qa_splits, sizes=sizes)
     done = out / "prepared.json"
     if done.is_file() and not force:
         summary = json.loads(done.read_text())
@@ -106,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-asr", type=int, default=3000)
     p.add_argument("--n-tts", type=int, default=1500, help="TTS sentences in the assistant voice (+ the QA answers)")
     p.add_argument("--n-turns", type=int, default=2600, help="user turns for the state classifier")
+    p.add_argument(
+        "--qa-train", type=int, default=DEFAULT_SPLIT_SIZES["train"],
+        help="spoken-QA training dialogues (their questions join the ASR training split; the TTS split "
+        "speaks the answers of the first 1,200)",
+    )  # fmt: skip
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--shard-max-mb", type=int, default=64)
     p.add_argument("--force", action="store_true", help="rebuild even if the corpus is already prepared")
@@ -122,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         not args.quiet,
         n_tts=args.n_tts,
         n_turns=args.n_turns,
+        qa_train=args.qa_train,
     )
     print(json.dumps({"shards": s["shards"], "wall_s": s["wall_s"]}, indent=2))
     return 0
