@@ -25,7 +25,7 @@ from datamodules.manifests import read_jsonl_manifest
 from datamodules.qa import DEFAULT_SPLIT_SIZES, build_qa_splits
 from datamodules.shard_writer import write_shards
 from tools.compute_cmvn import compute_cmvn
-from tools.make_corpus import make_corpus
+from tools.make_corpus import TTS_QA_DIALOGUES, make_corpus
 
 
 def prepare_corpus(
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--qa-train", type=int, default=DEFAULT_SPLIT_SIZES["train"],
         help="spoken-QA training dialogues (their questions join the ASR training split; the TTS split "
-        "speaks the answers of the first 1,200)",
+        f"speaks the answers of the first {TTS_QA_DIALOGUES:,})",
     )  # fmt: skip
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--shard-max-mb", type=int, default=64)
