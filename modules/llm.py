@@ -136,3 +136,35 @@ def chat_messages(history: list[tuple[str, str]], question: str) -> list[dict]:
         messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
     messages.append({"role": "user", "content": question})
     return messages
+
+
+def next_token_loss(
+    llm: PreTrainedModel,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor,
+    input_ids: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+    ignore_index: int = -100,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean next-token CE over the labelled positions of a causal LM and its token accuracy.
+
+    The output layer runs only where position t + 1 has a label (the answers: a third or less of
+    a spoken-QA sequence), not over every position and the whole vocabulary as `llm(...).logits`
+    does; the loss is the same. Models whose head does more than a linear map (e.g. logit
+    soft-capping) take the plain path.
+    """
+    base, head = llm.base_model, llm.get_output_embeddings()
+    if head is None or not isinstance(head, torch.nn.Linear) or getattr(llm.config, "final_logit_softcapping", None):
+        out = llm(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+        hidden, head = None, None
+        logits = out.logits[:, :-1][labels[:, 1:] != ignore_index]
+    else:
+        hidden = base(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+        logits = head(hidden[:, :-1][labels[:, 1:] != ignore_index])
+    targets = labels[:, 1:][labels[:, 1:] != ignore_index]
+    if len(targets) == 0:  # nothing labelled: a zero loss that still reaches every input
+        zero = (hidden if hidden is not None else logits).sum() * 0.0
+        return zero, zero.detach()
+    loss = torch.nn.functional.cross_entropy(logits.float(), targets)
+    acc = (logits.argmax(-1) == targets).float().mean()
+    return loss, acc

@@ -43,7 +43,7 @@ from modules.adapter import AdapterState, SpeechAdapter
 from modules.ctc import CTCUnits, Decoder, ctc_loss, encoder_data_config, evaluate_wer, units_from_json
 from modules.embeddings import PromptEmbedding, SpeechSpecials
 from modules.encoder import EncoderState, SpeechEncoder
-from modules.llm import SYSTEM_PROMPT, load_llm
+from modules.llm import SYSTEM_PROMPT, load_llm, next_token_loss
 from modules.training import (
     StageModule,
     fit,
@@ -213,12 +213,7 @@ class SpeechLLM(StageModule):
 
     def sequence_loss(self, emb, mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean CE over labelled positions and token accuracy."""
-        logits = self.llm(inputs_embeds=emb, attention_mask=mask).logits[:, :-1]
-        targets = labels[:, 1:]
-        loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
-        valid = targets != IGNORE_INDEX
-        acc = ((logits.argmax(-1) == targets) & valid).sum() / valid.sum().clamp(min=1)
-        return loss, acc
+        return next_token_loss(self.llm, labels, mask, inputs_embeds=emb, ignore_index=IGNORE_INDEX)
 
     # --- batches of the two stages ------------------------------------------------------------
     def dialogues_of(self, batch: dict, task: str) -> list[list[Turn]]:

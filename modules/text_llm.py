@@ -32,7 +32,7 @@ from datamodules.text_qa import (
 )
 from datamodules.tokenizer import train_bpe_tokenizer
 from modules.config import run_dir
-from modules.llm import SYSTEM_PROMPT, build_qwen2, chat_messages, load_llm
+from modules.llm import SYSTEM_PROMPT, build_qwen2, chat_messages, load_llm, next_token_loss
 from modules.qa_eval import accuracy_table, evaluate_repeat, evaluate_text_qa, generate_replies
 from modules.training import StageModule, fit, make_optimizer, write_metrics
 
@@ -55,15 +55,12 @@ class TextLLM(StageModule):
         gap = ids == GAP_ID
         if gap.any():  # spread user turns: gap positions read a zero vector
             embeds = self.llm.get_input_embeddings()(ids.masked_fill(gap, 0)).masked_fill(gap[..., None], 0.0)
-            out = self.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"])
-        else:
-            out = self.llm(input_ids=ids, attention_mask=batch["attention_mask"])
-        logits = out.logits[:, :-1]  # [B, L-1, V]: position t predicts token t+1
-        targets = batch["labels"][:, 1:]
-        loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
-        valid = targets != IGNORE_INDEX
-        acc = ((logits.argmax(-1) == targets) & valid).sum() / valid.sum().clamp(min=1)
-        return loss, acc
+            return next_token_loss(
+                self.llm, batch["labels"], batch["attention_mask"], inputs_embeds=embeds, ignore_index=IGNORE_INDEX
+            )
+        return next_token_loss(
+            self.llm, batch["labels"], batch["attention_mask"], input_ids=ids, ignore_index=IGNORE_INDEX
+        )
 
     def training_step(self, batch, batch_idx):
         loss, acc = self._loss(batch)

@@ -313,3 +313,40 @@ def test_missing_llm_path_says_what_to_do(tmp_path):
     cfg = load_config(["stage=llm_text", "experiment=tiny", f"llm.path={tmp_path}/nothing"])
     with pytest.raises(FileNotFoundError, match="stage=llm_text experiment=tiny"):
         load_llm(cfg.llm)
+
+
+def test_next_token_loss_equals_cross_entropy_over_full_logits():
+    """The head runs on labelled positions only; loss, accuracy and input gradients are unchanged."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from modules.llm import next_token_loss
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(
+        vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1,
+    )  # fmt: skip
+    llm = Qwen2ForCausalLM(cfg)
+    ids = torch.randint(0, 300, (3, 16))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding
+    labels = ids.masked_fill(torch.arange(16) < 10, IGNORE_INDEX)
+    emb = llm.get_input_embeddings()(ids).detach().requires_grad_(True)
+    loss, acc = next_token_loss(llm, labels, mask, inputs_embeds=emb, ignore_index=IGNORE_INDEX)
+    (grad,) = torch.autograd.grad(loss, emb)
+
+    logits = llm(inputs_embeds=emb, attention_mask=mask).logits[:, :-1]
+    targets = labels[:, 1:]
+    ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    (ref_grad,) = torch.autograd.grad(ref, emb)
+    valid = targets != IGNORE_INDEX
+    ref_acc = ((logits.argmax(-1) == targets) & valid).sum() / valid.sum()
+    assert torch.allclose(loss, ref, atol=1e-6)
+    assert torch.allclose(grad, ref_grad, atol=1e-6)
+    assert float(acc) == pytest.approx(float(ref_acc))
+
+    # nothing labelled: a zero loss (not NaN) that still backpropagates
+    none = torch.full_like(labels, IGNORE_INDEX)
+    zero, _ = next_token_loss(llm, none, mask, input_ids=ids, ignore_index=IGNORE_INDEX)
+    zero.backward()
+    assert float(zero) == 0.0
