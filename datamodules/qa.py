@@ -14,6 +14,7 @@ checker (`datamodules.answers.check_answer`) accepts.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 from collections.abc import Callable
@@ -223,6 +224,41 @@ FAMILIES: dict[str, Callable[[random.Random, Turn | None], Turn | None]] = {  # 
     "count": _count,
     "fact": _fact,
 }
+
+# More ways to ask each fact, for the stand-in LLM's text training only (never in the spoken
+# corpus or its held-out tests): a fact asked many ways is learnt as subject -> answer, so a
+# held-out phrasing of a known fact still reaches it. With the three phrasings alone the
+# stand-in can learn each (phrasing, subject) pair by heart and answer a held-out pair with
+# another subject's fact ("Tell me the opposite of big." -> "The opposite of hot is cold.").
+FACT_PARAPHRASES: dict[str, list[str]] = {
+    "capital": [
+        "Name the capital of {s}.", "What's the capital city of {s}?", "Do you know the capital of {s}?",
+        "I want to know the capital of {s}.", "Which city is the capital city of {s}?", "Say the capital of {s}.",
+    ],
+    "color": [
+        "Name the color of {s}.", "Which color is {s}?", "Do you know the color of {s}?",
+        "What's the color of {s}?", "Say the color of {s}.", "I want to know the color of {s}.",
+    ],
+    "legs": [
+        "How many legs are there on {s}?", "Count the legs of {s}.", "Do you know how many legs {s} has?",
+        "What number of legs does {s} have?", "Say how many legs {s} has.", "I want to know how many legs {s} has.",
+    ],
+    "opposite": [
+        "Name the opposite of {s}.", "What's the opposite of {s}?", "Do you know the opposite of {s}?",
+        "Say the opposite of {s}.", "What word is the opposite of {s}?", "I want to know the opposite of {s}.",
+    ],
+}  # fmt: skip
+
+
+def paraphrase_fact(rng: random.Random, turn: Turn) -> Turn:
+    """`turn` (a fact question) asked with one of `FACT_PARAPHRASES`; other turns unchanged."""
+    if turn.family != "fact":
+        return turn
+    category, subject, _ = FACTS[turn.combo[0]]
+    question = rng.choice(FACT_PARAPHRASES[category]).format(s=subject)
+    return dataclasses.replace(turn, question=question[:1].upper() + question[1:])
+
+
 FOLLOWUP_PROB = 0.4
 # Sampling weights: comparisons, the one lookup family, are drawn twice as often.
 FAMILY_WEIGHTS = {name: 2.0 if name == "compare" else 1.0 for name in FAMILIES}

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from transformers import PreTrainedTokenizerBase
 
 from datamodules.answers import number_to_words
-from datamodules.qa import DAYS, MONTHS, build_qa_splits, sample_dialogue
+from datamodules.qa import DAYS, MONTHS, build_qa_splits, paraphrase_fact, sample_dialogue
 from modules.llm import chat_messages
 
 IGNORE_INDEX = -100
@@ -68,6 +68,9 @@ class TextQADataConfig:
     speech_spread_prob: float = 0.0
     spread_gaps: tuple[float, float] = (1.0, 2.5)
     spread_repeat_prob: float = 0.1  # share of tokens that fill two positions
+    # Share of fact questions asked with a training-only paraphrase (`datamodules.qa.FACT_PARAPHRASES`),
+    # so the stand-in learns each fact apart from the phrasings the tests hold out.
+    fact_paraphrase_prob: float = 0.0
     # Train on the user turns too (a language-model loss on the questions), or on the
     # assistant turns only. A random word sequence in a user turn cannot be predicted, so its
     # loss there is pure noise.
@@ -246,7 +249,11 @@ class TextQAStream(IterableDataset):
         elif u < self.cfg.repeat_prob + self.cfg.sequence_prob:
             turns = [sequence_request(rng)]
         else:
-            turns = [t.as_dict() for t in sample_dialogue(rng, self.qa_seed, heldout=False)]
+            paraphrase = self.cfg.fact_paraphrase_prob
+            turns = [
+                (paraphrase_fact(rng, t) if paraphrase and rng.random() < paraphrase else t).as_dict()
+                for t in sample_dialogue(rng, self.qa_seed, heldout=False)
+            ]
             if self.cfg.speech_spread_prob > 0 and rng.random() < self.cfg.speech_spread_prob:
                 spread = SpreadSpec(rng, rng.uniform(*self.cfg.spread_gaps), self.cfg.spread_repeat_prob)
         if spread or (self.cfg.spoken_form_prob > 0 and rng.random() < self.cfg.spoken_form_prob):

@@ -55,3 +55,42 @@ def test_single_neighbour_facts_are_never_held_out():
             for direction in ("after", "before"):
                 assert not is_heldout(3, family, (i, 1, direction))
     assert any(is_heldout(s, "month", (i, 2, d)) for s in range(3) for i in range(12) for d in ("after", "before"))
+
+
+def test_fact_paraphrases_keep_the_fact_and_stay_out_of_the_spoken_splits():
+    from datamodules.qa import FACT_PARAPHRASES, FACTS, paraphrase_fact
+
+    rng = random.Random(3)
+    turns = [t for _ in range(300) for t in sample_dialogue(rng, 1234, heldout=False)]
+    facts = [t for t in turns if t.family == "fact"]
+    assert facts
+    for t in facts:
+        p = paraphrase_fact(rng, t)
+        category, subject, _ = FACTS[t.combo[0]]
+        assert (p.answer, p.gold, p.family, p.combo) == (t.answer, t.gold, t.family, t.combo)
+        assert subject in p.question and p.question != t.question
+        assert any(p.question.lower() == q.format(s=subject).lower() for q in FACT_PARAPHRASES[category])
+    other = next(t for t in turns if t.family != "fact")
+    assert paraphrase_fact(rng, other) is other
+    # the spoken corpus (and so every held-out test) asks the three canonical phrasings only
+    paraphrased = {q.format(s=s).lower() for c, s, _ in FACTS for q in FACT_PARAPHRASES[c]}
+    splits = build_qa_splits(1234, {"train": 200, "dev": 50, "test": 50})
+    asked = {t["question"].lower() for split in splits.values() for d in split for t in d["turns"]}
+    assert not asked & paraphrased
+
+
+def test_text_qa_stream_paraphrases_fact_questions(monkeypatch):
+    import datamodules.text_qa as text_qa
+    from datamodules.qa import FACT_PARAPHRASES
+
+    seen = []  # the chats the stream would encode (no tokenizer needed to look at them)
+    monkeypatch.setattr(text_qa, "encode_chat", lambda tok, messages, *a, **k: seen.append(messages) or ([], []))
+    cfg = text_qa.TextQADataConfig(repeat_prob=0.0, sequence_prob=0.0, fact_paraphrase_prob=1.0)
+    stream = text_qa.TextQAStream(None, cfg, qa_seed=1234, seed=0, transcripts=[])
+    rng = random.Random(0)
+    for _ in range(200):
+        stream.example(rng)
+    stems = {q.split("{s}")[0].lower() for qs in FACT_PARAPHRASES.values() for q in qs}
+    questions = [m["content"].lower() for msgs in seen for m in msgs if m["role"] == "user"]
+    fact_like = [q for q in questions if any(w in q for w in ("capital", "color", "legs", "opposite"))]
+    assert fact_like and all(any(q.startswith(s) for s in stems) for q in fact_like)
