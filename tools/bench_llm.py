@@ -1,6 +1,8 @@
-"""Training-step time of the stand-in LLM in fp32 and in bf16 autocast, side by side.
+"""Training-step time of the stand-in LLM in fp32 and in bf16 autocast, side by side; and
+the frozen LLM's forward + backward of stages 2-3 with the output layer on every position
+against the labelled ones only (`modules.llm.next_token_loss`).
 
-    python -m tools.bench_llm [--experiment tiny] [--tokens 4096] [--steps 8]
+    python -m tools.bench_llm [--experiment tiny] [--tokens 4096] [--steps 8] [--labelled 0.2]
 
 Builds the experiment's LLM architecture (random weights), and times forward + backward +
 AdamW on batches of about `--tokens` tokens in both precisions in one run, alternating
@@ -19,7 +21,7 @@ import torch
 from transformers import Qwen2ForCausalLM
 
 from modules.config import load_config
-from modules.llm import qwen2_config
+from modules.llm import next_token_loss, qwen2_config
 from modules.training import native_bf16, resolve_precision
 
 
@@ -33,6 +35,20 @@ def step_ms(model: torch.nn.Module, opt: torch.optim.Optimizer, ids: torch.Tenso
     return (time.perf_counter() - start) * 1000
 
 
+def frozen_step_ms(model: torch.nn.Module, emb: torch.Tensor, labels: torch.Tensor, labelled_only: bool) -> float:
+    """Forward + backward to the input vectors of a frozen LM (what stages 2 and 3 pay per step)."""
+    start = time.perf_counter()
+    x = emb.clone().requires_grad_(True)
+    mask = torch.ones(labels.shape, dtype=torch.long)
+    if labelled_only:
+        loss, _ = next_token_loss(model, labels, mask, inputs_embeds=x)
+    else:
+        logits = model(inputs_embeds=x, attention_mask=mask).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten())
+    loss.backward()
+    return (time.perf_counter() - start) * 1000
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--experiment", default="tiny")
@@ -40,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=85)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--labelled", type=float, default=0.2, help="share of positions with a label (the answers)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -63,6 +80,27 @@ def main(argv: list[str] | None = None) -> int:
     for name, ms in (("fp32", fp32), ("bf16 autocast", bf16)):
         print(f"| {name} | {ms:.0f} | {ids.numel() / ms * 1000:.0f} |")
     print(f"bf16 speed-up: {fp32 / bf16:.2f}x")
+
+    # Stages 2-3: the LLM frozen, labels on the answers only (about a fifth of a spoken-QA sequence).
+    for q in model.parameters():
+        q.requires_grad_(False)
+    emb = model.get_input_embeddings()(ids).detach()
+    labels = ids.masked_fill(torch.rand(ids.shape) >= args.labelled, -100)
+    frozen: dict[str, list[float]] = {"every position": [], "labelled only": []}
+    for i in range(args.steps + 1):
+        for name in frozen:
+            t = frozen_step_ms(model, emb, labels, labelled_only=name == "labelled only")
+            if i:
+                frozen[name].append(t)
+    every, only = statistics.median(frozen["every position"]), statistics.median(frozen["labelled only"])
+    print(
+        f"\nfrozen LLM, forward + backward to the inputs (stages 2-3), fp32, {args.labelled:.0%} of positions labelled:"
+    )
+    print(f"| output layer on | ms / step (median of {args.steps}) |")
+    print("|---|---|")
+    print(f"| every position (llm(...).logits) | {every:.0f} |")
+    print(f"| labelled positions only (next_token_loss) | {only:.0f} |")
+    print(f"labelled-only speed-up: {every / only:.2f}x")
     native = native_bf16("cpu")
     print(
         f"this CPU {'has' if native else 'lacks'} native bf16 (AMX / AVX512-BF16): "
