@@ -349,4 +349,4 @@ def test_next_token_loss_equals_cross_entropy_over_full_logits():
     none = torch.full_like(labels, IGNORE_INDEX)
     zero, _ = next_token_loss(llm, none, mask, input_ids=ids, ignore_index=IGNORE_INDEX)
     zero.backward()
-    assert float(zero) == 0.0
+    assert float(zero.detach()) == 0.0
