@@ -153,17 +153,19 @@ def next_token_loss(
     does; the loss is the same. Models whose head does more than a linear map (e.g. logit
     soft-capping) take the plain path.
     """
-    base, head = llm.base_model, llm.get_output_embeddings()
+    head = llm.get_output_embeddings()
+    keep = labels[:, 1:] != ignore_index  # positions t whose next token t + 1 is labelled
     if head is None or not isinstance(head, torch.nn.Linear) or getattr(llm.config, "final_logit_softcapping", None):
-        out = llm(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
-        hidden, head = None, None
-        logits = out.logits[:, :-1][labels[:, 1:] != ignore_index]
+        states = llm(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask).logits
+        logits = states[:, :-1][keep]
     else:
-        hidden = base(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
-        logits = head(hidden[:, :-1][labels[:, 1:] != ignore_index])
-    targets = labels[:, 1:][labels[:, 1:] != ignore_index]
+        states = llm.base_model(
+            input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask
+        ).last_hidden_state
+        logits = head(states[:, :-1][keep])
+    targets = labels[:, 1:][keep]
     if len(targets) == 0:  # nothing labelled: a zero loss that still reaches every input
-        zero = (hidden if hidden is not None else logits).sum() * 0.0
+        zero = states.sum() * 0.0
         return zero, zero.detach()
     loss = torch.nn.functional.cross_entropy(logits.float(), targets)
     acc = (logits.argmax(-1) == targets).float().mean()

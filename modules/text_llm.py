@@ -53,13 +53,16 @@ class TextLLM(StageModule):
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         ids = batch["input_ids"]
         gap = ids == GAP_ID
+        embeds = None
         if gap.any():  # spread user turns: gap positions read a zero vector
             embeds = self.llm.get_input_embeddings()(ids.masked_fill(gap, 0)).masked_fill(gap[..., None], 0.0)
-            return next_token_loss(
-                self.llm, batch["labels"], batch["attention_mask"], inputs_embeds=embeds, ignore_index=IGNORE_INDEX
-            )
         return next_token_loss(
-            self.llm, batch["labels"], batch["attention_mask"], input_ids=ids, ignore_index=IGNORE_INDEX
+            self.llm,
+            batch["labels"],
+            batch["attention_mask"],
+            input_ids=ids if embeds is None else None,
+            inputs_embeds=embeds,
+            ignore_index=IGNORE_INDEX,
         )
 
     def training_step(self, batch, batch_idx):
