@@ -271,7 +271,9 @@ def run(cfg: DictConfig) -> dict:
     metrics = {"component_params": counts, "train_steps": trainer.global_step}
     if trainer.global_rank == 0:
         save_stage_output(cfg, module)
-        metrics.update({f"dev_{k}": v for k, v in evaluate_codec(cfg, module, "dev").items() if k != "examples"})
+        # The dev measures over the first eval.limit utterances (0: all), as the test report reads them.
+        dev = evaluate_codec(cfg, module, "dev", cfg.eval.limit)
+        metrics.update({f"dev_{k}": v for k, v in dev.items() if k != "examples"})
         write_metrics(cfg, metrics)
     return metrics
 

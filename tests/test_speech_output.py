@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 import train
 from datamodules.shard_writer import rewrite_shards
-from datamodules.shards import iter_raw
+from datamodules.shards import iter_metadata, iter_raw
 from datamodules.tts import PAD_CODE, TTSDataModule
 from modules.codec import Codec, codec_config, load_codec, si_snr, tts_data_config
 from modules.codec_layers import hop_length
@@ -90,11 +90,13 @@ def test_codec_stage_gradients_and_ema(codec_args):
 
 
 def test_codec_stage_trains_writes_tokens_and_refuses_another_size(codec_args, tmp_path):
-    metrics = train.main(["stage=output_1_codec", *codec_args])
+    metrics = train.main(["stage=output_1_codec", *codec_args, "eval.limit=1"])
     assert metrics["train_steps"] == 2  # generator steps: the discriminator's raw steps are not counted
     for key in ("dev_mel_distance", "dev_si_snr_db", "dev_code_perplexity", "dev_codes_used"):
         assert np.isfinite(metrics[key]), key
     cfg = load_config(["stage=output_1_codec", *codec_args])
+    dev_total = sum(1 for _ in iter_metadata(cfg.data.tts.dev_shards))
+    assert 1 <= metrics["dev_utterances"] < dev_total, dev_total  # eval.limit=1: the first batch only
     saved = read_checkpoint(run_dir(cfg) / "model.pt")
     assert {k.split(".")[0] for k in saved["state_dict"]} == CODEC_COMPONENTS
     assert "quantizer.codebook" in saved["state_dict"] and saved["run_config"]["codec"]["dim"] == 32
