@@ -229,3 +229,11 @@ def test_tts_speaks_the_answers_of_the_first_dialogues_only() -> None:
     assert [r["id"] for r in answers] == [f"tts-d{i}-t{k}" for i in range(3) for k in range(2)]
     assert [r["text"] for r in answers] == [f"answer {i}.{k}" for i in range(3) for k in range(2)]
     assert len(plan["train"]) == 8 + 6 and plan["dev"] == _plan_tts(7, 10, qa)["dev"]
+
+
+def test_prepare_corpus_refuses_a_qa_size_it_would_not_use(tmp_path: Path) -> None:
+    from tools.prepare_corpus import prepare_corpus
+
+    with pytest.raises(ValueError, match="qa_train=50 and qa_builder both set"):
+        prepare_corpus(tmp_path / "c", qa_train=50, qa_builder=lambda seed: {}, progress=False)
+    assert not (tmp_path / "c").exists()  # refused before anything was written

@@ -52,10 +52,13 @@ def prepare_corpus(
         "shard_max_mb": shard_max_mb,
     }
     if qa_train != DEFAULT_SPLIT_SIZES["train"]:  # the default leaves older corpora's settings as they were
+        if qa_builder is not None:
+            raise ValueError(
+                f"qa_train={qa_train} and qa_builder both set: the builder decides the QA splits, so "
+                "qa_train would be recorded but not used; pass one of them"
+            )
         settings["qa_train"] = qa_train
-        if qa_builder is None:
-            sizes = {**DEFAULT_SPLIT_SIZES, "train": qa_train}
-            qa_builder = functools.partial(build_qa_splits, sizes=sizes)
+        qa_builder = functools.partial(build_qa_splits, sizes={**DEFAULT_SPLIT_SIZES, "train": qa_train})
     done = out / "prepared.json"
     if done.is_file() and not force:
         summary = json.loads(done.read_text())
