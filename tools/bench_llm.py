@@ -20,6 +20,7 @@ import time
 import torch
 from transformers import Qwen2ForCausalLM
 
+from datamodules.text_qa import IGNORE_INDEX
 from modules.config import load_config
 from modules.llm import next_token_loss, qwen2_config
 from modules.training import native_bf16, resolve_precision
@@ -41,10 +42,11 @@ def frozen_step_ms(model: torch.nn.Module, emb: torch.Tensor, labels: torch.Tens
     x = emb.clone().requires_grad_(True)
     mask = torch.ones(labels.shape, dtype=torch.long)
     if labelled_only:
-        loss, _ = next_token_loss(model, labels, mask, inputs_embeds=x)
+        loss, _ = next_token_loss(model, labels, mask, inputs_embeds=x, ignore_index=IGNORE_INDEX)
     else:
         logits = model(inputs_embeds=x, attention_mask=mask).logits[:, :-1]
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten())
+        targets = labels[:, 1:].flatten()
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets, ignore_index=IGNORE_INDEX)
     loss.backward()
     return (time.perf_counter() - start) * 1000
 
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     for q in model.parameters():
         q.requires_grad_(False)
     emb = model.get_input_embeddings()(ids).detach()
-    labels = ids.masked_fill(torch.rand(ids.shape) >= args.labelled, -100)
+    labels = ids.masked_fill(torch.rand(ids.shape) >= args.labelled, IGNORE_INDEX)
     frozen: dict[str, list[float]] = {"every position": [], "labelled only": []}
     for i in range(args.steps + 1):
         for name in frozen:
