@@ -18,7 +18,7 @@ from datamodules.qa import DEFAULT_SPLIT_SIZES
 
 # Bump when the corpus content changes for the same seed (templates, answers, voices), so
 # `tools.prepare_corpus` rebuilds corpora made by older code.
-CORPUS_VERSION = 9  # 8: the TTS split (assistant voice, 24 kHz); 9: the turns split (state classifier)
+CORPUS_VERSION = 10  # 8: the TTS split (assistant voice, 24 kHz); 9: the turns split (state classifier); 10: ASR sentences with the fact vocabulary
 SPLITS = ("train", "dev", "test")
 KINDS = ("asr", "qa", "tts", "turns")
 

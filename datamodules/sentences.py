@@ -93,6 +93,25 @@ CITIES = [
     "Lisbon", "Vienna", "Oslo", "Prague", "Boston", "Chicago", "Mexico City", "Athens", "Stockholm",
     "Amsterdam", "Moscow", "Delhi", "Nairobi", "Lima", "Seoul", "Bangkok", "Helsinki", "Warsaw",
 ]  # fmt: skip
+# Countries, the colours of everyday things, animals by their legs and pairs of opposites: the
+# words the spoken questions use (datamodules/qa.py FACTS) in ordinary sentences, so the
+# encoder hears them in training. The corpus never states a fact as a question or an answer.
+COUNTRIES = [
+    "France", "Japan", "Italy", "Spain", "Germany", "Egypt", "Russia", "China", "England", "Greece",
+    "Kenya", "Peru", "Canada", "Brazil", "India", "Norway", "Mexico", "Ireland", "Poland", "Sweden",
+]  # fmt: skip
+THINGS_OF_A_COLOUR = [
+    "a banana", "the grass", "the sky", "the snow", "the coal", "a tomato", "a carrot", "the chocolate",
+    "a lemon", "the milk", "a cherry", "the sea", "a pumpkin", "the leaves", "a plum", "the sand",
+]  # fmt: skip
+LEGGED = [
+    "a spider", "a dog", "a bird", "an ant", "a snake", "a cow", "a chicken", "a bee", "a beetle",
+    "a crab", "a horse", "a duck",
+]  # fmt: skip
+OPPOSITES = [
+    ("hot", "cold"), ("big", "small"), ("fast", "slow"), ("happy", "sad"), ("open", "closed"),
+    ("early", "late"), ("full", "empty"), ("light", "dark"), ("old", "new"), ("wet", "dry"),
+]  # fmt: skip
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 MONTHS = [
     "January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
@@ -425,6 +444,61 @@ def _e_exclaim(rng: random.Random) -> tuple[str, str]:
     return rng.choice(options), "!"
 
 
+# The fact vocabulary in everyday sentences.
+def _t_country(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.sample(COUNTRIES, 2)
+    options = [
+        f"{_person(rng)} {rng.choice(MOTIONS)[1]} to {a} {_when(rng, 'past')}",
+        f"We will visit {a} and {b} {rng.choice(FUTURE_DAYS)}",
+        f"{rng.choice(NAMES)} lived in {a} before moving to {b}",
+        f"The {rng.choice(OBJECTS)[0]} came all the way from {a}",
+        f"My {rng.choice(['cousin', 'friend', 'uncle', 'teacher'])} flew from {rng.choice(CITIES)} to {a}",
+    ]
+    return rng.choice(options), "."
+
+
+def _t_colour_of(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.sample(THINGS_OF_A_COLOUR, 2)
+    options = [
+        (f"{_person(rng)} painted {a} and {b} {rng.choice(PAST_DAYS)}", "."),
+        (f"Look at {a} next to {b}", "!"),
+        (f"{rng.choice(NAMES)} drew {a} with a {rng.choice(COLOURS)} pencil", "."),
+        (f"Did you see {a} {_where(rng)}", "?"),
+        (f"I put {a} {_on_furniture(rng)}", "."),
+    ]
+    return rng.choice(options)
+
+
+def _t_legs(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.sample(LEGGED, 2)
+    options = [
+        (f"{_person(rng)} saw {a} and {b} {_where(rng)}", "."),
+        (f"There is {a} {_on_furniture(rng)}", "."),
+        (f"{a} hurt one of its legs", "."),
+        (f"Why is {a} {_on_furniture(rng)}", "?"),
+        (f"{rng.choice(NAMES)} is drawing {a} with long legs", "."),
+    ]
+    return rng.choice(options)
+
+
+def _t_opposites(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.choice(OPPOSITES)
+    if rng.random() < 0.5:
+        a, b = b, a
+    obj = rng.choice(OBJECTS)[0]
+    options = [
+        (f"The {obj} was {a} in the morning and {b} at night", "."),
+        (f"Is the {obj} {a} or {b}", "?"),
+        (f"{rng.choice(NAMES)} says the {obj} is {a}, not {b}", "."),
+        (f"{_person(rng)} walked up the hill and ran down again", "."),
+        (f"We worked day and night {_where(rng)}", "."),
+        (f"Go up the stairs, then turn {rng.choice(['left', 'right'])}", "."),
+        (f"Put the {obj} down {_on_furniture(rng)}", "."),
+        ("The shop is open by day and closed at night", "."),
+    ]
+    return rng.choice(options)
+
+
 # (template, weight): statements dominate, as in read-speech corpora.
 TEMPLATES: list[tuple[Template, float]] = [
     (_t_found, 3.0),
@@ -455,6 +529,10 @@ TEMPLATES: list[tuple[Template, float]] = [
     (_c_directions, 1.0),
     (_c_adverb, 1.0),
     (_e_exclaim, 1.5),
+    (_t_country, 3.0),
+    (_t_colour_of, 3.0),
+    (_t_legs, 2.0),
+    (_t_opposites, 3.0),
 ]
 
 _ALLOWED = re.compile(r"^[A-Za-z' ,.?!]+$")
