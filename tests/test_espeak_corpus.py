@@ -7,6 +7,7 @@ import random
 import re
 import sys
 import types
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +89,18 @@ def test_every_inventory_voice_is_valid(tts: ESpeak) -> None:
         for v in vs:
             tts.check_voice(v)
     tts.check_voice(ASSISTANT_VOICE)
+
+
+def test_sentences_say_every_word_the_fact_questions_ask_about() -> None:
+    """The ASR training sentences carry the fact vocabulary (countries, coloured things, animals,
+    opposites): an encoder that never heard "lemon" hears "eleven" in "What color is a lemon?"."""
+    from datamodules.qa import FACTS
+
+    sentences = generate_sentences(2400, random.Random("asr:1234"))  # the tiny corpus's train plan
+    counts = Counter(w.strip(".,?!").lower() for s in sentences for w in s.split())
+    heard = {subject.split()[-1].lower(): counts[subject.split()[-1].lower()] for _, subject, _ in FACTS}
+    rare = {w: n for w, n in heard.items() if n < 3}
+    assert not rare, f"fact words said fewer than 3 times in 2,400 sentences: {rare}"
 
 
 def test_sentences_deterministic_without_digits() -> None:
