@@ -11,6 +11,10 @@ python infer.py eval_spoken_qa experiment=tiny [eval.limit=N]
     text. Writes runs/<exp>/eval/spoken_qa.{json,md}.
 python infer.py eval_input experiment=tiny
     Both tables.
+python infer.py eval_questions experiment=tiny [eval.limit=N]
+    How the stage-1 CTC hears the spoken QA test questions (a Table-3 diagnostic): exact match
+    and WER per question family at the streaming chunk size, the most frequent misses. Writes
+    runs/<exp>/eval/questions.{json,md}.
 python infer.py chat experiment=tiny input_wav=FILE|DIR|A,B output_wav=OUT [duplex.key=value]
     Spoken dialogue: streams each file in 160 ms chunks through one session (VAD, state
     classifier, answer text + speech), writes the assistant track at 24 kHz, a stereo dialogue
@@ -70,6 +74,12 @@ def eval_spoken_qa(argv: list[str]) -> dict:
     return evaluate_spoken_qa(_threads(load_config(argv, stage="input_3_prompt")))
 
 
+def eval_questions(argv: list[str]) -> dict:
+    from modules.spoken_qa_eval import evaluate_question_hearing
+
+    return evaluate_question_hearing(_threads(load_config(argv, stage="input_1_ctc")))
+
+
 def eval_input(argv: list[str]) -> dict:
     return {"asr": eval_asr(argv), "spoken_qa": eval_spoken_qa(argv)}
 
@@ -114,6 +124,7 @@ COMMANDS = {
     "eval_asr": eval_asr,
     "eval_spoken_qa": eval_spoken_qa,
     "eval_input": eval_input,
+    "eval_questions": eval_questions,
     "eval_state": eval_state,
     "chat": chat,
     "eval_dialogue": eval_dialogue,

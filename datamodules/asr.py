@@ -66,6 +66,10 @@ class ASRDataConfig:
     warp: bool = False
     max_time_stretch: float = 0.15
     max_freq_warp: float = 0.1
+    # Silence appended to every utterance / turn before the fbank, in training and evaluation
+    # alike: a spoken turn reaches a streaming system followed by the silence its end-of-turn
+    # decision waits for, which tightly cut synthetic audio lacks (datamodules.shards.append_silence).
+    tail_silence_s: float = 0.0
     resampled: bool = False  # draw training shards with replacement (needs epoch_batches)
     epoch_batches: int | None = None  # training batches per rank and epoch (set it for multi-GPU)
     cache_samples: bool = False  # keep decoded fbank in memory after the first epoch: small corpora with num_workers=0
@@ -183,6 +187,7 @@ class ASRDataModule(ShardDataModule):
                 if (train and cfg.warp)
                 else None
             ),
+            tail_silence_s=cfg.tail_silence_s,
         )
 
     def make_dataset(self, split: str) -> ShardDataset:

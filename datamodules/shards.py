@@ -282,6 +282,18 @@ def filter_sample(sample: Sample, *, min_duration_s: float = 0.1, max_duration_s
     return sample
 
 
+def append_silence(sample: Sample, *, seconds: float) -> Sample:
+    """Append ``seconds`` of digital silence to every 16 kHz ``wav`` (each turn of a QA sample).
+
+    A spoken turn reaches a streaming system followed by the silence its end-of-turn decision
+    waits for; a synthetic or tightly cut recording has none, and a chunk-streaming encoder with
+    no look-ahead then loses the last word. ``duration`` stays the speech's."""
+    for unit in _units(sample):
+        pad = np.zeros(round(seconds * unit["sr"]), dtype=unit["wav"].dtype)
+        unit["wav"] = np.concatenate([unit["wav"], pad])
+    return sample
+
+
 def compute_fbank(sample: Sample) -> Sample:
     """Add ``feats`` (torch float32 ``[T, 80]``) next to every 16 kHz ``wav``."""
     for unit in _units(sample):
@@ -345,18 +357,26 @@ def build_stages(
     cmvn: GlobalCMVN | None = None,
     spec_augment_conf: dict | None = None,
     warp_conf: dict | None = None,
+    tail_silence_s: float = 0.0,
 ) -> list[Stage]:
-    """The standard processor chain: decode -> filter -> fbank -> [warp] -> [CMVN] -> [SpecAugment].
+    """The standard processor chain: decode -> filter -> [tail silence] -> fbank -> [warp] -> [CMVN]
+    -> [SpecAugment].
 
     ``spec_augment_conf`` (keyword arguments of :func:`apply_spec_augment` without ``rng``) enables
     SpecAugment with ``rng``; ``warp_conf`` (keyword arguments of :func:`apply_warp`) enables the
-    feature-domain speed / vocal-tract perturbation before CMVN. Used by both the ASR and the spoken-QA data modules.
+    feature-domain speed / vocal-tract perturbation before CMVN; ``tail_silence_s`` > 0 appends
+    that much silence to every utterance or turn (:func:`append_silence`; the duration filter
+    sees the speech alone). Used by both the ASR and the spoken-QA data modules.
     """
+    if tail_silence_s < 0:
+        raise ValueError(f"tail_silence_s must be >= 0, got {tail_silence_s}")
     stages: list[Stage] = [
         partial(decode_sample, kind=kind, duration_tolerance=duration_tolerance),
         partial(filter_sample, min_duration_s=min_duration_s, max_duration_s=max_duration_s),
-        compute_fbank,
     ]
+    if tail_silence_s > 0:
+        stages.append(partial(append_silence, seconds=tail_silence_s))
+    stages.append(compute_fbank)
     if warp_conf is not None:
         stages.append(partial(apply_warp, rng=rng, **warp_conf))
     if cmvn is not None:

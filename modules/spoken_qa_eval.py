@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from datamodules.answers import check_answer
+from datamodules.audio import INPUT_SAMPLE_RATE
 from datamodules.shards import iter_decoded
 from modules.config import eval_dir
 from modules.llm import load_llm
@@ -41,6 +42,13 @@ def spoken_test_dialogues(cfg: DictConfig, limit: int = 0, desc: str = "spoken d
         yield sample
 
 
+def with_tail_silence(cfg: DictConfig, wav: np.ndarray) -> np.ndarray:
+    """A test turn followed by the silence the spoken-QA stages train with
+    (`data.spoken_qa.tail_silence_s`), as a turn reaches the model once its end is detected."""
+    seconds = float(cfg.data.spoken_qa.get("tail_silence_s", 0.0))
+    return np.concatenate([wav, np.zeros(round(seconds * INPUT_SAMPLE_RATE), dtype=wav.dtype)]) if seconds > 0 else wav
+
+
 def speech_qa(cfg: DictConfig, limit: int = 0) -> list[dict]:
     """Answer every spoken test dialogue through the streaming input path; one record per turn."""
     model = load_speech_llm(cfg, ["input_2_align", "input_3_prompt"])
@@ -50,8 +58,9 @@ def speech_qa(cfg: DictConfig, limit: int = 0) -> list[dict]:
         state = stream.start()
         for k, turn in enumerate(sample["turns"]):
             wav = np.asarray(turn["wav"], dtype=np.float32)
-            for i in range(0, len(wav), CHUNK_SAMPLES):
-                stream.accept_audio(state, wav[i : i + CHUNK_SAMPLES])
+            audio = with_tail_silence(cfg, wav)
+            for i in range(0, len(audio), CHUNK_SAMPLES):
+                stream.accept_audio(state, audio[i : i + CHUNK_SAMPLES])
             reply = model.tokenizer.decode(stream.end_turn(state), skip_special_tokens=True).strip()
             records.append({
                 "id": sample["key"], "turn": k, "question": turn["question"], "family": turn["family"],
@@ -111,5 +120,81 @@ def evaluate_spoken_qa(cfg: DictConfig) -> dict:
     (out / "spoken_qa.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "spoken_qa.md").write_text(table)
     (out / "spoken_qa_replies.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    print(table)
+    return result
+
+
+def evaluate_question_hearing(cfg: DictConfig) -> dict:
+    """What the stage-1 encoder hears of the spoken QA test questions: CTC greedy transcripts at the
+    streaming chunk size, per family (exact match and WER) and the most frequent misses.
+
+    A Table-3 diagnostic: a word the CTC does not hear reaches the LLM as another word (through
+    the lexical adapter, literally), so a family that is heard badly cannot be answered well.
+    Each question is followed by `data.spoken_qa.tail_silence_s` of silence, as in Table 3.
+    Writes runs/<exp>/eval/questions.{json,md}.
+    """
+    import torch
+
+    from datamodules.features import fbank
+    from datamodules.transcripts import normalize_transcript, wer
+    from modules.ctc import greedy_decode, load_encoder_ctc
+
+    module = load_encoder_ctc(cfg)
+    chunk = int(cfg.encoder.chunk_frames)
+    refs: dict[str, list[str]] = defaultdict(list)
+    hyps: dict[str, list[str]] = defaultdict(list)
+    with torch.no_grad():
+        for sample in spoken_test_dialogues(cfg, cfg.eval.limit, "spoken questions (CTC)"):
+            for turn in sample["turns"]:
+                wav = with_tail_silence(cfg, np.asarray(turn["wav"], dtype=np.float32))
+                feats = torch.from_numpy(fbank(wav))[None]
+                log_probs, lens = module.log_probs(feats, torch.tensor([feats.shape[1]]), chunk_frames=chunk)
+                refs[turn["family"]].append(normalize_transcript(turn["question"]))
+                hyps[turn["family"]].append(normalize_transcript(greedy_decode(module.vocab, log_probs, lens)[0]))
+    families = sorted(refs)
+    per_family = {
+        f: {
+            "questions": len(refs[f]),
+            "exact": sum(h == r for h, r in zip(hyps[f], refs[f])) / len(refs[f]),
+            "wer": wer(hyps[f], refs[f]),
+        }
+        for f in families
+    }
+    all_refs = [r for f in families for r in refs[f]]
+    all_hyps = [h for f in families for h in hyps[f]]
+    exact = sum(h == r for h, r in zip(all_hyps, all_refs)) / max(1, len(all_refs))
+    misses = defaultdict(int)
+    for h, r in zip(all_hyps, all_refs):
+        if h != r:
+            misses[(r, h)] += 1
+    top = sorted(misses.items(), key=lambda kv: (-kv[1], kv[0]))[:10]
+    ms = chunk * 40
+    lines = [
+        f"### How the stage-1 CTC hears the spoken QA test questions (greedy, chunk {chunk} = {ms} ms, unseen voices, "
+        f"{float(cfg.data.spoken_qa.get('tail_silence_s', 0.0)):.2f} s of silence after each)",
+        "",
+        "| family | questions | heard exactly | WER |",
+        "|---|---|---|---|",
+        *(f"| {f} | {v['questions']} | {v['exact']:.3f} | {v['wer']:.3f} |" for f, v in per_family.items()),
+        f"| **all** | {len(all_refs)} | **{exact:.3f}** | **{wer(all_hyps, all_refs):.3f}** |",
+        "",
+        "Most frequent misses (count: question -> heard):",
+        "",
+        *(f"- {n}: {r} -> {h}" for (r, h), n in top),
+    ]
+    table = "\n".join(lines) + "\n"
+    result = {
+        "chunk_frames": chunk,
+        "tail_silence_s": float(cfg.data.spoken_qa.get("tail_silence_s", 0.0)),
+        "questions": len(all_refs),
+        "exact": exact,
+        "wer": wer(all_hyps, all_refs),
+        "per_family": per_family,
+        "misses": [{"question": r, "heard": h, "count": n} for (r, h), n in top],
+        "table": table,
+    }
+    out = eval_dir(cfg)
+    (out / "questions.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "questions.md").write_text(table)
     print(table)
     return result

@@ -26,6 +26,7 @@ from datamodules.shards import (
     ShardDataset,
     SkipCounter,
     SkipSample,
+    append_silence,
     bucket_batches,
     build_stages,
     check_frames,
@@ -405,6 +406,29 @@ def test_processors_individually():
         assert info.value.reason == reason
     # within the 10 % tolerance passes
     assert decode_sample(_asr_raw("g", wav, duration=1.08))["duration"] == pytest.approx(1.0)
+
+
+def test_tail_silence_follows_the_speech_and_is_not_counted_in_its_duration():
+    wav = tone(1.0)
+    plain = build_stages(np.random.default_rng(0), kind="asr", min_duration_s=0.9, max_duration_s=1.1)
+    padded = build_stages(
+        np.random.default_rng(0), kind="asr", min_duration_s=0.9, max_duration_s=1.1, tail_silence_s=0.32
+    )
+    a, b = _asr_raw("a", wav), _asr_raw("a", wav)
+    for stage in plain:
+        a = stage(a)
+    for stage in padded:
+        b = stage(b)
+    n = a["wav"].shape[0]
+    assert b["wav"].shape[0] == n + round(0.32 * 16000)
+    assert np.array_equal(b["wav"][:n], a["wav"]) and not b["wav"][n:].any()
+    assert b["duration"] == a["duration"] == pytest.approx(1.0)  # the filter judged the speech alone
+    assert b["feats"].shape[0] == a["feats"].shape[0] + 32  # 320 ms at a 10 ms shift
+    assert torch.equal(b["feats"][:90], a["feats"][:90])  # frames before the tail are unchanged
+    qa = {"turns": [{"wav": np.ones(100, np.float32), "sr": 16000}, {"wav": np.ones(7, np.float32), "sr": 16000}]}
+    assert [t["wav"].shape[0] for t in append_silence(qa, seconds=0.01)["turns"]] == [260, 167]
+    with pytest.raises(ValueError, match="tail_silence_s"):
+        build_stages(np.random.default_rng(0), kind="asr", min_duration_s=0.1, max_duration_s=2, tail_silence_s=-1)
 
 
 def corrupt_flac(wav: np.ndarray) -> bytes:

@@ -18,7 +18,7 @@ from modules.asr_eval import evaluate_asr
 from modules.config import load_config, run_dir
 from modules.ctc import EncoderCTC, encoder_data_config, make_units
 from modules.speech_llm import ChatLayout, StreamingInput, Turn, build, read_llm_answers
-from modules.spoken_qa_eval import evaluate_spoken_qa
+from modules.spoken_qa_eval import evaluate_question_hearing, evaluate_spoken_qa, with_tail_silence
 from modules.state_classifier import ChunkStates, chunk_states, decide, decision_times, evaluate_state, record_turns
 from modules.training import load_stage_outputs, make_optimizer, read_checkpoint
 from tools.make_llm_answers import ensure_llm_answers, read_dialogues
@@ -201,8 +201,17 @@ def test_speech_input_stage_chain(speech_args):
         len(d["turns"]) for d in read_dialogues(cfg_eval.data.spoken_qa.test_shards)
     )
     assert 0 <= qa["speech_accuracy"] <= 1 and 0 <= qa["text_accuracy"] <= 1
+    # each test turn reaches the model followed by the silence the QA stages trained with
+    assert with_tail_silence(cfg_eval, np.ones(10, np.float32)).tolist() == [1.0] * 10 + [0.0] * 5120
+    heard = evaluate_question_hearing(cfg_eval)  # how the stage-1 CTC hears the same questions
+    assert heard["questions"] == qa["num_turns"] and heard["tail_silence_s"] == pytest.approx(0.32)
+    assert set(heard["per_family"]) == set(qa["speech_per_family"])
+    assert sum(v["questions"] for v in heard["per_family"].values()) == heard["questions"]
+    assert 0 <= heard["exact"] <= 1 and len(heard["misses"]) <= 10
     out = run_dir(cfg_eval).parent / "eval"
-    assert {"asr.json", "asr.md", "spoken_qa.json", "spoken_qa.md"} <= {p.name for p in out.iterdir()}
+    assert {"asr.json", "asr.md", "spoken_qa.json", "spoken_qa.md", "questions.json", "questions.md"} <= {
+        p.name for p in out.iterdir()
+    }
 
     # --- a later stage with an incompatible encoder names both sizes ------------------------------
     wider = ["encoder.d_model=24", "encoder.num_heads=2"]
