@@ -140,6 +140,12 @@ def test_speech_input_stage_chain(speech_args):
     metrics = train.main([*qa_args, "resume=false"])  # both streams, in training and validation
     assert metrics["train_steps"] == 2 and _saved_components(cfg2q) == DECLARED["input_2_align"]
     assert (run_dir(cfg2q) / "tb").is_dir()
+    # the tiny recipe's continuation (Makefile ALIGN_MORE): stage 2 starts again from its own
+    # output, in place; at lr 0 it saves exactly what it loaded
+    before = read_checkpoint(run_dir(cfg2q) / "model.pt")["state_dict"]
+    train.main([*qa_args, "stage.init_from=[input_2_align]", "resume=false", "optim.lr=0", "optim.weight_decay=0"])
+    after = read_checkpoint(run_dir(cfg2q) / "model.pt")["state_dict"]
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     with pytest.raises(ValueError, match="align_asr_weight > 0 or align_qa_weight > 0"):
         train.main(
             ["stage=input_2_align", *speech_args, "speech_llm.align_asr_weight=0", "speech_llm.align_qa_weight=0"]
