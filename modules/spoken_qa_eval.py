@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from datamodules.answers import check_answer
 from datamodules.audio import INPUT_SAMPLE_RATE
-from datamodules.shards import iter_decoded
+from datamodules.shards import append_silence, iter_decoded
 from modules.config import eval_dir
 from modules.llm import load_llm
 from modules.qa_eval import evaluate_text_qa
@@ -44,9 +44,10 @@ def spoken_test_dialogues(cfg: DictConfig, limit: int = 0, desc: str = "spoken d
 
 def with_tail_silence(cfg: DictConfig, wav: np.ndarray) -> np.ndarray:
     """A test turn followed by the silence the spoken-QA stages train with
-    (`data.spoken_qa.tail_silence_s`), as a turn reaches the model once its end is detected."""
-    seconds = float(cfg.data.spoken_qa.get("tail_silence_s", 0.0))
-    return np.concatenate([wav, np.zeros(round(seconds * INPUT_SAMPLE_RATE), dtype=wav.dtype)]) if seconds > 0 else wav
+    (`data.spoken_qa.tail_silence_s`, the data pipeline's `append_silence`), as a turn reaches
+    the model once its end is detected."""
+    unit = {"wav": wav, "sr": INPUT_SAMPLE_RATE}
+    return append_silence(unit, seconds=cfg.data.spoken_qa.tail_silence_s)["wav"]
 
 
 def speech_qa(cfg: DictConfig, limit: int = 0) -> list[dict]:
@@ -163,6 +164,8 @@ def evaluate_question_hearing(cfg: DictConfig) -> dict:
     all_refs = [r for f in families for r in refs[f]]
     all_hyps = [h for f in families for h in hyps[f]]
     exact = sum(h == r for h, r in zip(all_hyps, all_refs)) / max(1, len(all_refs))
+    all_wer = wer(all_hyps, all_refs)
+    tail_s = float(cfg.data.spoken_qa.tail_silence_s)
     misses = defaultdict(int)
     for h, r in zip(all_hyps, all_refs):
         if h != r:
@@ -171,12 +174,12 @@ def evaluate_question_hearing(cfg: DictConfig) -> dict:
     ms = chunk * 40
     lines = [
         f"### How the stage-1 CTC hears the spoken QA test questions (greedy, chunk {chunk} = {ms} ms, unseen voices, "
-        f"{float(cfg.data.spoken_qa.get('tail_silence_s', 0.0)):.2f} s of silence after each)",
+        f"{tail_s:.2f} s of silence after each)",
         "",
         "| family | questions | heard exactly | WER |",
         "|---|---|---|---|",
         *(f"| {f} | {v['questions']} | {v['exact']:.3f} | {v['wer']:.3f} |" for f, v in per_family.items()),
-        f"| **all** | {len(all_refs)} | **{exact:.3f}** | **{wer(all_hyps, all_refs):.3f}** |",
+        f"| **all** | {len(all_refs)} | **{exact:.3f}** | **{all_wer:.3f}** |",
         "",
         "Most frequent misses (count: question -> heard):",
         "",
@@ -185,10 +188,10 @@ def evaluate_question_hearing(cfg: DictConfig) -> dict:
     table = "\n".join(lines) + "\n"
     result = {
         "chunk_frames": chunk,
-        "tail_silence_s": float(cfg.data.spoken_qa.get("tail_silence_s", 0.0)),
+        "tail_silence_s": tail_s,
         "questions": len(all_refs),
         "exact": exact,
-        "wer": wer(all_hyps, all_refs),
+        "wer": all_wer,
         "per_family": per_family,
         "misses": [{"question": r, "heard": h, "count": n} for (r, h), n in top],
         "table": table,
