@@ -132,9 +132,13 @@ def apply_num_threads(cfg: DictConfig) -> None:
 def native_bf16(accelerator: str) -> bool:
     """Whether the device the run trains on computes bf16 in hardware: a CUDA GPU that supports
     it, or a CPU with AMX or AVX512-BF16. Elsewhere (e.g. an AVX2-only CPU) torch emulates bf16
-    matmuls, and a bf16-mixed step is many times slower than fp32 (README: Benchmarks)."""
+    matmuls, and a bf16-mixed step is many times slower than fp32 (README: Benchmarks).
+    A CPU whose ATen kernels are held to AVX2 or less (`ATEN_CPU_CAPABILITY=avx2`, e.g. to time the
+    recipe as an AVX2 machine runs it) counts as one without."""
     if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return False
     cpu = torch.cpu
     return any(getattr(cpu, f, lambda: False)() for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
 

@@ -101,4 +101,6 @@ def test_native_bf16_follows_the_cpu_flags(monkeypatch):
     for amx, avx512 in [(False, False), (True, False), (False, True)]:
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512: v, raising=False)
-        assert training.native_bf16("cpu") == (amx or avx512)
+        for isa in ["AVX512", "AVX2"]:  # ATen held to AVX2 (ATEN_CPU_CAPABILITY=avx2) counts as an AVX2 CPU
+            monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda v=isa: v)
+            assert training.native_bf16("cpu") == ((amx or avx512) and isa == "AVX512")
