@@ -18,11 +18,11 @@ python infer.py eval_questions experiment=tiny [eval.limit=N]
 python infer.py chat experiment=tiny input_wav=FILE|DIR|A,B output_wav=OUT [duplex.key=value]
     Spoken dialogue: streams each file in 160 ms chunks through one session (VAD, state
     classifier, answer text + speech), writes the assistant track at 24 kHz, a stereo dialogue
-    wav and a JSON, prints both sides' text and the latency breakdown (modules/chat.py).
+    wav and a JSON, prints both sides' text and the latency breakdown (server/chat.py).
 python infer.py eval_dialogue experiment=tiny [eval.limit=N]
     Spoken QA end to end through the duplex pipeline: speech -> speech, speech -> text and
     text -> text accuracy, answered share, latency breakdown, the state classifier's report
-    -> runs/<exp>/eval/dialogue.{md,json} (modules/dialogue_eval.py).
+    -> runs/<exp>/eval/dialogue.{md,json} (evaluation/dialogue.py).
 python infer.py eval_state experiment=tiny [eval.limit=N]
     State classifier (stage input_4_state) on the test turns: precision/recall, endpoint delay,
     false answers -> runs/<exp>/eval/state.{md,json}
@@ -44,15 +44,15 @@ from modules.config import ConfigError, load_config, run_cli
 
 def _threads(cfg):
     """Honour trainer.num_threads (e.g. 1 per evaluation when two run side by side)."""
-    from modules.training import apply_num_threads
+    from modules.stage import apply_num_threads
 
     apply_num_threads(cfg)
     return cfg
 
 
 def eval_text_qa(argv: list[str]) -> dict:
-    from modules.text_llm import evaluate
-    from modules.training import write_metrics
+    from modules.llm.stand_in import evaluate
+    from modules.stage import write_metrics
 
     cfg = load_config(argv, stage="llm_text")
     metrics = evaluate(cfg)
@@ -63,19 +63,19 @@ def eval_text_qa(argv: list[str]) -> dict:
 
 
 def eval_asr(argv: list[str]) -> dict:
-    from modules.asr_eval import evaluate_asr
+    from evaluation.asr import evaluate_asr
 
     return evaluate_asr(_threads(load_config(argv, stage="input_2_align")))
 
 
 def eval_spoken_qa(argv: list[str]) -> dict:
-    from modules.spoken_qa_eval import evaluate_spoken_qa
+    from evaluation.spoken_qa import evaluate_spoken_qa
 
     return evaluate_spoken_qa(_threads(load_config(argv, stage="input_3_prompt")))
 
 
 def eval_questions(argv: list[str]) -> dict:
-    from modules.spoken_qa_eval import evaluate_question_hearing
+    from evaluation.spoken_qa import evaluate_question_hearing
 
     return evaluate_question_hearing(_threads(load_config(argv, stage="input_1_ctc")))
 
@@ -85,13 +85,13 @@ def eval_input(argv: list[str]) -> dict:
 
 
 def eval_state(argv: list[str]) -> dict:
-    from modules.state_classifier import evaluate_state
+    from evaluation.state import evaluate_state
 
     return evaluate_state(_threads(load_config(argv, stage="input_4_state")))
 
 
 def chat(argv: list[str]) -> dict:
-    from modules.chat import chat as run_chat
+    from server.chat import chat as run_chat
 
     paths = {k: v for k, _, v in (a.partition("=") for a in argv if a.split("=", 1)[0] in ("input_wav", "output_wav"))}
     missing = [k for k in ("input_wav", "output_wav") if not paths.get(k)]
@@ -102,19 +102,19 @@ def chat(argv: list[str]) -> dict:
 
 
 def eval_dialogue(argv: list[str]) -> dict:
-    from modules.dialogue_eval import evaluate_dialogue
+    from evaluation.dialogue import evaluate_dialogue
 
     return evaluate_dialogue(_threads(load_config(argv, stage="input_4_state")))
 
 
 def eval_codec(argv: list[str]) -> dict:
-    from modules.codec import report_codec
+    from evaluation.codec import report_codec
 
     return report_codec(_threads(load_config(argv, stage="output_1_codec")))
 
 
 def eval_speech_output(argv: list[str]) -> dict:
-    from modules.tts_eval import evaluate_speech_output
+    from evaluation.speech_output import evaluate_speech_output
 
     return evaluate_speech_output(_threads(load_config(argv, stage="output_3_prefix")))
 

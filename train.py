@@ -18,14 +18,14 @@ from modules.config import ConfigError, load_config, run_cli
 
 # stage name -> module whose `run(cfg) -> dict` trains it. The order is the chain's.
 STAGES = {
-    "llm_text": "modules.text_llm",
-    "input_1_ctc": "modules.ctc",
-    "input_2_align": "modules.speech_llm",
-    "input_3_prompt": "modules.speech_llm",
+    "llm_text": "modules.llm.stand_in",
+    "input_1_ctc": "modules.encoder.ctc",
+    "input_2_align": "modules.speech_llm.model",
+    "input_3_prompt": "modules.speech_llm.model",
     "input_4_state": "modules.state_classifier",
-    "output_1_codec": "modules.codec",
-    "output_2_decoder": "modules.speech_decoder_stage",
-    "output_3_prefix": "modules.speech_decoder_stage",
+    "output_1_codec": "modules.codec.stage",
+    "output_2_decoder": "modules.speech_decoder.stage",
+    "output_3_prefix": "modules.speech_decoder.stage",
 }
 
 

@@ -30,7 +30,7 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from datamodules.features import GlobalCMVN
-from datamodules.shards import ShardDataset, Stage, build_stages, collate_asr, resolve_shards
+from datamodules.shards.reader import ShardDataset, Stage, build_stages, collate_asr, resolve_shards
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class ASRDataConfig:
     max_freq_warp: float = 0.1
     # Silence appended to every utterance / turn before the fbank, in training and evaluation
     # alike: a spoken turn reaches a streaming system followed by the silence its end-of-turn
-    # decision waits for, which tightly cut synthetic audio lacks (datamodules.shards.append_silence).
+    # decision waits for, which tightly cut synthetic audio lacks (datamodules.shards.reader.append_silence).
     tail_silence_s: float = 0.0
     resampled: bool = False  # draw training shards with replacement (needs epoch_batches)
     epoch_batches: int | None = None  # training batches per rank and epoch (set it for multi-GPU)

@@ -2,7 +2,7 @@
 
 Each shard sample is one dialogue (``<key>.json`` + ``<key>.t0.flac``, ``<key>.t1.flac``...). The
 same processors as ASR decode every turn's question audio to 16 kHz and compute its fbank
-(:func:`datamodules.shards.build_stages`); dialogues are bucketed by their *total* frames
+(:func:`datamodules.shards.reader.build_stages`); dialogues are bucketed by their *total* frames
 (``B * max(total frames of a dialogue) <= max_frames_per_batch``). A batch holds the B dialogues'
 N = sum(turn_counts) turns flattened in dialogue order::
 
@@ -36,7 +36,7 @@ import torch
 from lightning.pytorch.utilities.combined_loader import CombinedLoader
 
 from datamodules.asr import ASRDataConfig, ASRDataModule
-from datamodules.shards import Sample, pad_feats
+from datamodules.shards.reader import Sample, iter_metadata, pad_feats
 
 
 @dataclass
@@ -113,3 +113,8 @@ class PairedDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> CombinedLoader:
         return self._combined("val_dataloader", "min_size")
+
+
+def read_dialogues(shards: str) -> list[dict]:
+    """{"id", "key", "turns": [{"question", "gold", "family", ...}]} of every dialogue (JSON only)."""
+    return [{"id": meta.get("id", key), "key": key, "turns": meta["turns"]} for key, meta in iter_metadata(shards)]

@@ -1,7 +1,7 @@
 """Text QA in chat format for the stand-in LLM (stage `llm_text`).
 
 Training streams an endless mixture, drawn afresh from seeded generators:
-  * multi-round QA dialogues over the *training* combinations of `datamodules.qa`;
+  * multi-round QA dialogues over the *training* combinations of `datamodules.corpus.qa`;
   * "repeat after me" requests over the ASR training transcripts, so the LLM can copy
     text from its context, as any real instruction-tuned LLM can (the speech-alignment
     stage relies on it to emit transcripts);
@@ -27,9 +27,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from transformers import PreTrainedTokenizerBase
 
-from datamodules.answers import number_to_words
-from datamodules.qa import DAYS, MONTHS, build_qa_splits, paraphrase_fact, sample_dialogue
-from modules.llm import chat_messages
+from datamodules.corpus.answers import number_to_words
+from datamodules.corpus.qa import DAYS, MONTHS, build_qa_splits, paraphrase_fact, sample_dialogue
 
 IGNORE_INDEX = -100
 # A "gap" position in a spread user turn (see `SpreadSpec`, `encode_chat`): the LLM reads a zero input
@@ -68,7 +67,7 @@ class TextQADataConfig:
     speech_spread_prob: float = 0.0
     spread_gaps: tuple[float, float] = (1.0, 2.5)
     spread_repeat_prob: float = 0.1  # share of tokens that fill two positions
-    # Share of fact questions asked with a training-only paraphrase (`datamodules.qa.FACT_PARAPHRASES`),
+    # Share of fact questions asked with a training-only paraphrase (`datamodules.corpus.qa.FACT_PARAPHRASES`),
     # so the stand-in learns each fact apart from the phrasings the tests hold out.
     fact_paraphrase_prob: float = 0.0
     # Train on the user turns too (a language-model loss on the questions), or on the
@@ -329,3 +328,15 @@ class TextQADataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         collate_fn = functools.partial(collate, pad_id=self.tokenizer.pad_token_id)
         return DataLoader(self.val_set, batch_size=self.cfg.batch_size, shuffle=False, collate_fn=collate_fn)
+
+
+SYSTEM_PROMPT = "You are a helpful assistant."
+
+
+def chat_messages(history: list[tuple[str, str]], question: str) -> list[dict]:
+    """System prompt + earlier (question, answer) turns + the new question."""
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}]
+    for q, a in history:
+        messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    messages.append({"role": "user", "content": question})
+    return messages

@@ -32,7 +32,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from datamodules.asr import ShardDataModule
 from datamodules.audio import OUTPUT_SAMPLE_RATE
-from datamodules.shards import (
+from datamodules.shards.reader import (
     SKIP_BAD_JSON,
     SKIP_EMPTY_TEXT,
     SKIP_TOO_LONG,

@@ -27,17 +27,17 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from datamodules.asr import ASRDataConfig
-from datamodules.corpus import CorpusConfig
+from datamodules.corpus.layout import CorpusConfig
+from datamodules.corpus.turns import TurnsDataConfig
 from datamodules.spoken_qa import SpokenQADataConfig
 from datamodules.text_qa import TextQADataConfig
 from datamodules.tts import TTSDataConfig
-from datamodules.turns import TurnsDataConfig
 from modules.adapter import AdapterConfig
-from modules.codec_layers import CodecConfig
-from modules.embeddings import SpeechLLMConfig
-from modules.encoder import CTCConfig, EncoderConfig
-from modules.llm import LLMConfig
-from modules.speech_decoder import SpeechDecoderConfig
+from modules.codec.network import CodecConfig
+from modules.encoder.network import CTCConfig, EncoderConfig
+from modules.llm.hf import LLMConfig
+from modules.speech_decoder.network import SpeechDecoderConfig
+from modules.speech_llm.embeddings import SpeechLLMConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 GROUPS = ("model", "data", "trainer")
@@ -86,7 +86,7 @@ class TrainerConfig:
     num_nodes: int = 1
     strategy: str = "auto"
     # Lightning's precision names, or `auto`: bf16-mixed where the hardware computes bf16 natively
-    # (a CUDA GPU, a CPU with AMX / AVX512-BF16), else 32-true (`modules.training.resolve_precision`).
+    # (a CUDA GPU, a CPU with AMX / AVX512-BF16), else 32-true (`modules.stage.resolve_precision`).
     precision: str = "32-true"
     max_steps: int = 1000
     val_check_interval: int = 200
@@ -125,7 +125,7 @@ class EvalConfig:
 
 @dataclass
 class DuplexConfig:
-    """The `duplex:` block: the streaming dialogue pipeline (modules/duplex.py; reference section 9
+    """The `duplex:` block: the streaming dialogue pipeline (server/engine.py; reference section 9
     has the release's values)."""
 
     vad_threshold: float = 0.5  # silero speech probability that opens a turn (release: 0.8)

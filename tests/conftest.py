@@ -10,9 +10,10 @@ import random
 
 import pytest
 
-from datamodules.qa import build_qa_splits, sample_dialogue
+from datamodules.corpus.qa import build_qa_splits, sample_dialogue
+from datamodules.text_qa import SYSTEM_PROMPT
 from datamodules.tokenizer import train_bpe_tokenizer
-from modules.llm import SYSTEM_PROMPT, LLMArchConfig, build_qwen2
+from modules.llm.hf import LLMArchConfig, build_qwen2
 from tools.prepare_corpus import prepare_corpus
 
 MINI_QA = {"train": 8, "dev": 3, "test": 3}
@@ -88,8 +89,8 @@ def write_reference_answers(cfg) -> None:
     import json
     from pathlib import Path
 
-    from datamodules.shards import iter_metadata
-    from tools.make_llm_answers import fingerprint
+    from datamodules.shards.reader import iter_metadata
+    from modules.llm.answers import fingerprint
 
     answers = Path(cfg.speech_llm.answers_dir)
     answers.mkdir(parents=True)

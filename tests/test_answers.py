@@ -1,6 +1,6 @@
 import pytest
 
-from datamodules.answers import check_answer, normalize_answer, number_to_words
+from datamodules.corpus.answers import check_answer, normalize_answer, number_to_words
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from modules.codec_layers import CodecConfig, Generator, GlobalQuantizer, VectorQuantizer, codebook_usage, hop_length
+from modules.codec.network import CodecConfig, Generator, hop_length
+from modules.layers.quantizer import GlobalQuantizer, VectorQuantizer, codebook_usage
 
 SMALL = CodecConfig(
     dim=32, encoder_channels=4, global_dim=8, global_groups=2, upsample_kernels=[16, 11, 11, 5], resblock_kernels=[3, 5]
@@ -15,7 +16,12 @@ def test_paper_sizes_match_the_reference():
     assert hop_length(cfg) == 600 and cfg.sample_rate // hop_length(cfg) == 40
     with torch.device("meta"):
         generator = Generator(cfg)
-        books = [VectorQuantizer(cfg.codebook_size, cfg.dim), GlobalQuantizer(cfg)]
+        books = [
+            VectorQuantizer(cfg.codebook_size, cfg.dim),
+            GlobalQuantizer(
+                cfg.global_dim, cfg.global_groups, cfg.global_codebook_size, cfg.ema_decay, cfg.dead_code_threshold
+            ),
+        ]
     n = sum(p.numel() for p in generator.parameters())
     assert abs(n - 15_369_857) / 15_369_857 < 0.01, n
     entries = sum(b.numel() for q in books for name, b in q.named_buffers() if name.endswith("codebook"))
@@ -77,7 +83,9 @@ def test_codebook_usage_reports_perplexity_and_share_used():
 
 def test_global_tokens_round_trip_to_the_voice_vector():
     torch.manual_seed(0)
-    gq = GlobalQuantizer(SMALL).train()
+    gq = GlobalQuantizer(
+        SMALL.global_dim, SMALL.global_groups, SMALL.global_codebook_size, SMALL.ema_decay, SMALL.dead_code_threshold
+    ).train()
     v = torch.randn(40, SMALL.global_dim)
     gq(v)  # initialise from data (and update: codes move after the lookup in training mode)
     q, tokens, _ = gq.eval()(v)
@@ -86,7 +94,7 @@ def test_global_tokens_round_trip_to_the_voice_vector():
 
 
 def test_encoder_gives_one_vector_per_600_samples_and_a_voice_feature():
-    from modules.codec_layers import Encoder
+    from modules.codec.network import Encoder
 
     torch.manual_seed(0)
     enc = Encoder(SMALL).eval()
@@ -98,7 +106,7 @@ def test_encoder_gives_one_vector_per_600_samples_and_a_voice_feature():
 
 
 def test_discriminators_and_gan_losses():
-    from modules.codec_layers import (
+    from modules.codec.discriminators import (
         Discriminators,
         discriminator_loss,
         feature_matching_loss,
@@ -119,7 +127,7 @@ def test_discriminators_and_gan_losses():
 
 
 def test_log_mel_puts_a_tone_in_its_band():
-    from modules.codec_layers import LogMel, mel_filterbank
+    from modules.codec.network import LogMel, mel_filterbank
 
     bank = mel_filterbank(24000, 1024, 80, 0.0, 8000)
     assert bank.shape == (80, 513) and (bank >= 0).all()

@@ -11,9 +11,9 @@ import soundfile as sf
 import torch
 
 from datamodules.audio import load_audio
-from modules.chat import chat_file, input_files, latency_table, read_input
 from modules.config import ConfigError, load_config
-from modules.duplex import DuplexModel, Session
+from server.chat import chat_file, input_files, latency_table, read_input
+from server.engine import DuplexModel, Session
 from tools.make_chat_input import make_chat_input
 
 

@@ -14,8 +14,8 @@ from torch import nn
 
 from datamodules.features import CMVNStats, GlobalCMVN, StreamingFbank, fbank
 from modules.adapter import AdapterConfig, SpeechAdapter, adapter_length
-from modules.encoder import EncoderConfig, SpeechEncoder
-from modules.subsampling import subsampled_length
+from modules.encoder.network import EncoderConfig, SpeechEncoder
+from modules.layers.subsampling import subsampled_length
 
 F = 80  # fbank bins
 D = 32  # tiny encoder width

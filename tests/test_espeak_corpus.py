@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from datamodules.espeak import ESpeak
-from datamodules.sentences import MAX_WORDS, MIN_WORDS, generate_sentences
-from datamodules.voices import ASSISTANT_VOICE, Voice, build_voices
+from datamodules.corpus.espeak import ESpeak
+from datamodules.corpus.sentences import MAX_WORDS, MIN_WORDS, generate_sentences
+from datamodules.corpus.voices import ASSISTANT_VOICE, Voice, build_voices
 from tools.make_corpus import _plan_tts, make_corpus
 
 TEXT = "The quick brown fox jumps over the lazy dog."
@@ -94,7 +94,7 @@ def test_every_inventory_voice_is_valid(tts: ESpeak) -> None:
 def test_sentences_say_every_word_the_fact_questions_ask_about() -> None:
     """The ASR training sentences carry the fact vocabulary (countries, coloured things, animals,
     opposites): an encoder that never heard "lemon" hears "eleven" in "What color is a lemon?"."""
-    from datamodules.qa import FACTS
+    from datamodules.corpus.qa import FACTS
 
     sentences = generate_sentences(2400, random.Random("asr:1234"))  # the tiny corpus's train plan
     counts = Counter(w.strip(".,?!").lower() for s in sentences for w in s.split())
@@ -115,7 +115,7 @@ def test_sentences_deterministic_without_digits() -> None:
 
 
 def _fake_qa_splits(seed: int) -> dict[str, list[dict]]:
-    """A tiny stand-in for datamodules.qa.build_qa_splits."""
+    """A tiny stand-in for datamodules.corpus.qa.build_qa_splits."""
     rng = random.Random(seed)
 
     def dialogue(split: str, i: int, n_turns: int) -> dict:
@@ -144,10 +144,10 @@ def _read_manifests(out: Path) -> dict[str, bytes]:
 
 
 def test_make_corpus_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # The default QA source is imported lazily from datamodules.qa: replace it with the fake.
-    fake_module = types.ModuleType("datamodules.qa")
+    # The default QA source is imported lazily from datamodules.corpus.qa: replace it with the fake.
+    fake_module = types.ModuleType("datamodules.corpus.qa")
     fake_module.build_qa_splits = _fake_qa_splits  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "datamodules.qa", fake_module)
+    monkeypatch.setitem(sys.modules, "datamodules.corpus.qa", fake_module)
 
     out1 = tmp_path / "c1"
     stats = make_corpus(out1, seed=11, n_asr=20, n_tts=10, n_turns=20, workers=2, progress=False)

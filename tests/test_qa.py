@@ -1,7 +1,7 @@
 import random
 
-from datamodules.answers import check_answer, normalize_answer
-from datamodules.qa import FAMILIES, build_qa_splits, is_heldout, sample_dialogue
+from datamodules.corpus.answers import check_answer, normalize_answer
+from datamodules.corpus.qa import FAMILIES, build_qa_splits, is_heldout, sample_dialogue
 
 
 def test_splits_are_deterministic_and_sized():
@@ -58,7 +58,7 @@ def test_single_neighbour_facts_are_never_held_out():
 
 
 def test_fact_paraphrases_keep_the_fact_and_stay_out_of_the_spoken_splits():
-    from datamodules.qa import FACT_PARAPHRASES, FACTS, paraphrase_fact
+    from datamodules.corpus.qa import FACT_PARAPHRASES, FACTS, paraphrase_fact
 
     rng = random.Random(3)
     turns = [t for _ in range(300) for t in sample_dialogue(rng, 1234, heldout=False)]
@@ -81,7 +81,7 @@ def test_fact_paraphrases_keep_the_fact_and_stay_out_of_the_spoken_splits():
 
 def test_text_qa_stream_paraphrases_fact_questions(monkeypatch):
     import datamodules.text_qa as text_qa
-    from datamodules.qa import FACT_PARAPHRASES
+    from datamodules.corpus.qa import FACT_PARAPHRASES
 
     seen = []  # the chats the stream would encode (no tokenizer needed to look at them)
     monkeypatch.setattr(text_qa, "encode_chat", lambda tok, messages, *a, **k: seen.append(messages) or ([], []))

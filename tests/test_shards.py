@@ -20,9 +20,8 @@ import webdataset as wds
 from torch.utils.data import DataLoader
 
 from datamodules.audio import encode_flac
-from datamodules.manifests import read_jsonl_manifest, read_kaldi_dir
-from datamodules.shard_writer import make_key, write_shards
-from datamodules.shards import (
+from datamodules.shards.manifests import read_jsonl_manifest, read_kaldi_dir
+from datamodules.shards.reader import (
     ShardDataset,
     SkipCounter,
     SkipSample,
@@ -37,6 +36,7 @@ from datamodules.shards import (
     resolve_shards,
     split_at_fbank,
 )
+from datamodules.shards.writer import make_key, write_shards
 
 SR = 22050
 
@@ -189,7 +189,7 @@ def test_failed_write_leaves_previous_shards_and_index(tmp_path, monkeypatch):
     assert _temporaries(out) == []
 
     # a failure after every record was written (e.g. disk full while writing the index)
-    import datamodules.shard_writer as shard_writer
+    import datamodules.shards.writer as shard_writer
 
     def boom(*args, **kwargs):
         raise OSError(28, "No space left on device")

@@ -16,14 +16,14 @@ import torch
 from omegaconf import OmegaConf
 
 import train
-from datamodules.shard_writer import rewrite_shards
-from datamodules.shards import iter_metadata, iter_raw
+from datamodules.shards.reader import iter_metadata, iter_raw
+from datamodules.shards.writer import rewrite_shards
 from datamodules.tts import PAD_CODE, TTSDataModule
-from modules.codec import Codec, codec_config, load_codec, si_snr, tts_data_config
-from modules.codec_layers import hop_length
+from modules.codec.network import hop_length
+from modules.codec.stage import Codec, codec_config, load_codec, si_snr, tts_data_config
 from modules.config import load_config, run_dir
-from modules.training import read_checkpoint
-from tools.make_llm_answers import fingerprint
+from modules.llm.answers import fingerprint
+from modules.stage import read_checkpoint
 from tools.write_codec_tokens import write_codec_tokens
 
 CODEC_COMPONENTS = {"encoder", "quantizer", "global_quantizer", "generator", "discriminators"}
@@ -157,7 +157,7 @@ def test_rewrite_shards_drops_and_counts_what_the_transform_refuses(mini_corpus,
 
 # --- speech decoder -----------------------------------------------------------------------------
 def test_speech_decoder_paper_size_and_projection():
-    from modules.speech_decoder import SpeechDecoderConfig, SpeechDecoderNet
+    from modules.speech_decoder.network import SpeechDecoderConfig, SpeechDecoderNet
 
     with torch.device("meta"):
         paper = SpeechDecoderNet(SpeechDecoderConfig(), 3584)
@@ -170,7 +170,7 @@ def test_speech_decoder_paper_size_and_projection():
 
 
 def _toy_decoder(seed: int = 0):
-    from modules.speech_decoder import SpeechDecoderConfig, SpeechDecoderNet
+    from modules.speech_decoder.network import SpeechDecoderConfig, SpeechDecoderNet
 
     torch.manual_seed(seed)
     net = SpeechDecoderNet(SpeechDecoderConfig(dim=32, num_heads=4, ffn_dim=64, codebook_size=16, dropout=0.0), 64)
@@ -234,7 +234,7 @@ def _frozen_and_trained(module, batch, trainable: set[str]) -> None:
     last = f"prefix.layers.layers.{module.dcfg.prefix_layers - 1}."
     dead = {last + n for n in ("q_proj.weight", "o_proj.weight", "mlp_norm.weight", "gate_proj.weight",
                                "up_proj.weight", "down_proj.weight")}  # fmt: skip
-    from modules.training import make_optimizer
+    from modules.stage import make_optimizer
 
     before = {k: v.detach().clone() for k, v in module.state_dict().items()}
     opt = make_optimizer(module, module.cfg.optim, 10)["optimizer"]
@@ -256,9 +256,9 @@ def _frozen_and_trained(module, batch, trainable: set[str]) -> None:
 
 def test_decoder_stages_train_the_declared_parts(decoder_args):
     from datamodules.answer_speech import AnswerSpeechDataModule
-    from datamodules.shards import iter_metadata
-    from modules.speech_decoder_stage import answer_examples, build, load_speech_decoder
-    from modules.training import load_stage_outputs
+    from datamodules.shards.reader import iter_metadata
+    from modules.speech_decoder.stage import answer_examples, build, load_speech_decoder
+    from modules.stage import load_stage_outputs
 
     train.main(["stage=output_1_codec", *decoder_args])
     cfg2 = load_config(["stage=output_2_decoder", *decoder_args])
@@ -319,10 +319,10 @@ def test_decoder_stages_train_the_declared_parts(decoder_args):
 
 
 def test_table2_and_codec_report_run_on_the_trained_chain(decoder_args, monkeypatch, reference_answers):
-    import modules.tts_eval as tts_eval
-    from datamodules.shards import iter_metadata
-    from modules.codec import report_codec
-    from modules.llm import chat_messages
+    import evaluation.speech_output as tts_eval
+    from datamodules.shards.reader import iter_metadata
+    from datamodules.text_qa import chat_messages
+    from evaluation.codec import report_codec
 
     args = [*decoder_args, "eval.speech_output_turns=3", "eval.top_ks=[1,2]", "speech_decoder.max_tokens=30"]
     for stage in ("input_1_ctc", "output_1_codec"):

@@ -12,16 +12,18 @@ import torch
 
 import train
 from datamodules.asr import ASRDataModule
-from datamodules.spoken_qa import SpokenQADataModule
-from datamodules.turns import ANSWER, DROP, LISTEN
-from modules.asr_eval import evaluate_asr
+from datamodules.corpus.turns import ANSWER, DROP, LISTEN
+from datamodules.spoken_qa import SpokenQADataModule, read_dialogues
+from datamodules.state import ChunkStates
+from evaluation.asr import evaluate_asr
+from evaluation.spoken_qa import evaluate_question_hearing, evaluate_spoken_qa, with_tail_silence
+from evaluation.state import decision_times, evaluate_state
 from modules.config import load_config, run_dir
-from modules.ctc import EncoderCTC, encoder_data_config, make_units
-from modules.speech_llm import ChatLayout, StreamingInput, Turn, build, read_llm_answers
-from modules.spoken_qa_eval import evaluate_question_hearing, evaluate_spoken_qa, with_tail_silence
-from modules.state_classifier import ChunkStates, chunk_states, decide, decision_times, evaluate_state, record_turns
-from modules.training import load_stage_outputs, make_optimizer, read_checkpoint
-from tools.make_llm_answers import ensure_llm_answers, read_dialogues
+from modules.encoder.ctc import EncoderCTC, encoder_data_config, make_units
+from modules.llm.answers import ensure_llm_answers
+from modules.speech_llm.model import ChatLayout, StreamingInput, Turn, build, read_llm_answers
+from modules.stage import load_stage_outputs, make_optimizer, read_checkpoint
+from modules.state_classifier import chunk_states, decide, record_turns
 
 DECLARED = {
     "input_1_ctc": {"encoder", "ctc_head"},
@@ -314,7 +316,7 @@ def test_streaming_prefill_equals_the_teacher_forced_sequence(speech_args, mini_
 
 
 def test_lexical_adapter_starts_from_the_stage1_ctc_head(speech_args):
-    from modules.speech_llm import unit_lexicon
+    from modules.speech_llm.model import unit_lexicon
 
     lexical = [*speech_args, "adapter.lexical=true", "ctc.units=bpe"]  # word pieces: mean embeddings
     train.main(["stage=input_1_ctc", *lexical])
@@ -346,8 +348,8 @@ def test_lexical_adapter_starts_from_the_stage1_ctc_head(speech_args):
 
 
 def test_llm_token_units_give_the_lexical_path_the_exact_llm_embeddings(speech_args, tmp_path):
-    from modules.speech_llm import unit_lexicon
-    from modules.text_llm import ensure_tokenizer
+    from modules.llm.stand_in import ensure_tokenizer
+    from modules.speech_llm.model import unit_lexicon
 
     lexical = [*speech_args, "adapter.lexical=true", "ctc.units=llm"]
     train.main(["stage=input_1_ctc", *lexical])

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from modules.codec_layers import CodecConfig, Generator, VectorQuantizer
-from modules.streaming_tts import TextSegmenter, TokenFIFO
+from modules.codec.network import CodecConfig, Generator
+from modules.layers.quantizer import VectorQuantizer
+from server.fifo import TextSegmenter, TokenFIFO
 
 
 def _segments(pieces: list[str], **kw) -> list[str]:

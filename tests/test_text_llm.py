@@ -9,8 +9,8 @@ import train
 from datamodules.text_qa import IGNORE_INDEX, dialogue_messages, encode_chat
 from datamodules.tokenizer import train_bpe_tokenizer
 from modules.config import load_config
-from modules.llm import build_qwen2, load_llm
-from modules.training import read_checkpoint
+from modules.llm.hf import build_qwen2, load_llm
+from modules.stage import read_checkpoint
 
 TINY = [
     "llm.arch.vocab_size=400",
@@ -65,7 +65,7 @@ def test_chat_labels_cover_the_chosen_turns_only():
 def test_sequence_requests_are_consistent():
     import random
 
-    from datamodules.answers import normalize_answer
+    from datamodules.corpus.answers import normalize_answer
     from datamodules.text_qa import sequence_request
 
     rng = random.Random(0)
@@ -179,7 +179,7 @@ def test_spread_examples_train_through_zero_vectors_at_the_gaps():
     import random
 
     from datamodules.text_qa import GAP_ID, TextQADataConfig, TextQAStream, collate
-    from modules.text_llm import TextLLM
+    from modules.llm.stand_in import TextLLM
 
     cfg = load_config(["stage=llm_text", "experiment=tiny", *TINY])
     tok = train_bpe_tokenizer(["what is two plus three Two plus three is five. system user assistant"] * 50, 400)
@@ -222,7 +222,7 @@ def test_user_turn_loss_off_trains_on_assistant_turns_only():
 
 
 def test_previous_token_head_init_attends_to_the_previous_position():
-    from modules.llm import LLMArchConfig
+    from modules.llm.hf import LLMArchConfig
 
     class Tok:
         bos_token_id, eos_token_id, pad_token_id = None, 2, 0
@@ -293,7 +293,7 @@ def test_short_fit_saves_a_loadable_llm_and_resumes(tmp_path, transcripts):
 
 
 def test_repeat_evaluation_normalizes_and_lists_failures(monkeypatch):
-    from modules import qa_eval
+    from modules.llm import generate as qa_eval
 
     asked, replies = [], iter(["the cup is red", "Seven dogs.", "Go home now!"])
 
@@ -319,7 +319,7 @@ def test_next_token_loss_equals_cross_entropy_over_full_logits():
     """The head runs on labelled positions only; loss, accuracy and input gradients are unchanged."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from modules.llm import next_token_loss
+    from modules.llm.hf import next_token_loss
 
     torch.manual_seed(0)
     cfg = Qwen2Config(

@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from modules import training
+from modules import stage as training
 from modules.config import load_config
-from modules.training import StageModule, make_optimizer, resolve_precision
+from modules.stage import StageModule, make_optimizer, resolve_precision
 
 
 class TwoParts(StageModule):
@@ -91,7 +91,7 @@ def test_auto_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch, capl
     monkeypatch.setattr(training, "native_bf16", lambda accelerator: native)
     assert resolve_precision("auto", "cpu") == ("bf16-mixed" if native else "32-true")
     assert resolve_precision("32-true", "cpu") == "32-true"
-    with caplog.at_level("WARNING", logger="modules.training"):
+    with caplog.at_level("WARNING", logger="modules.stage"):
         assert resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"  # an explicit choice stands
     assert ("emulates" in caplog.text) == (not native)
 

@@ -4,7 +4,7 @@ import random
 
 import numpy as np
 
-from datamodules.turns import (
+from datamodules.corpus.turns import (
     ANSWER,
     DROP,
     IGNORE,

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datamodules.asr import ASRDataConfig, ASRDataModule
 from datamodules.audio import INPUT_SAMPLE_RATE, load_audio, resample
 from datamodules.features import fbank
-from datamodules.shards import resolve_shards
+from datamodules.shards.reader import resolve_shards
 
 
 @dataclass

@@ -33,9 +33,10 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from modules.chat import latency_table
 from modules.config import eval_dir, load_config
-from modules.duplex import LATENCY_ROWS, DuplexModel, percentiles
+from server.chat import latency_table
+from server.engine import DuplexModel
+from server.latency import LATENCY_ROWS, percentiles
 from tools.bench_input import test_audio
 
 # A reply of three segments at the tiny experiment's segmenter settings.
@@ -49,9 +50,10 @@ NO_DECISIONS = ["speech_llm.state_answer_threshold=2", "speech_llm.state_drop_th
 
 def random_chain(overrides: list[str]) -> tuple[DuplexModel, str]:
     """The experiment's architecture with random weights (no trained stage needed)."""
-    from datamodules.qa import sample_dialogue
+    from datamodules.corpus.qa import sample_dialogue
+    from datamodules.text_qa import SYSTEM_PROMPT
     from datamodules.tokenizer import train_bpe_tokenizer
-    from modules.llm import SYSTEM_PROMPT, LLMArchConfig, build_qwen2
+    from modules.llm.hf import LLMArchConfig, build_qwen2
 
     cfg = load_config(overrides, stage="input_4_state")
     rng, texts = random.Random(0), [SYSTEM_PROMPT, REPLY]
@@ -142,7 +144,7 @@ def paper_llm(device: str) -> torch.nn.Module:
     """Qwen2-7B's shape with random weights in bf16, built on `device` ("meta": shapes only)."""
     from transformers import Qwen2ForCausalLM
 
-    from modules.llm import LLMArchConfig, qwen2_config
+    from modules.llm.hf import LLMArchConfig, qwen2_config
 
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)

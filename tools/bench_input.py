@@ -30,14 +30,14 @@ from omegaconf import OmegaConf
 from transformers import DynamicCache, Qwen2ForCausalLM
 
 from datamodules.features import StreamingFbank, fbank
-from datamodules.shards import iter_decoded
+from datamodules.shards.reader import iter_decoded
 from modules.adapter import SpeechAdapter
 from modules.config import eval_dir, load_config
-from modules.ctc import units_from_json
-from modules.encoder import SpeechEncoder
-from modules.llm import load_llm, qwen2_config
-from modules.speech_llm import CHUNK_SAMPLES
-from modules.training import read_stage_output
+from modules.encoder.ctc import units_from_json
+from modules.encoder.network import SpeechEncoder
+from modules.llm.hf import load_llm, qwen2_config
+from modules.speech_llm.model import CHUNK_SAMPLES
+from modules.stage import read_stage_output
 
 
 def test_audio(cfg, seconds: float) -> np.ndarray:

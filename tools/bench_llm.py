@@ -1,6 +1,6 @@
 """Training-step time of the stand-in LLM in fp32 and in bf16 autocast, side by side; and
 the frozen LLM's forward + backward of stages 2-3 with the output layer on every position
-against the labelled ones only (`modules.llm.next_token_loss`).
+against the labelled ones only (`modules.llm.hf.next_token_loss`).
 
     python -m tools.bench_llm [--experiment tiny] [--tokens 4096] [--steps 8] [--labelled 0.2]
 
@@ -22,8 +22,8 @@ from transformers import Qwen2ForCausalLM
 
 from datamodules.text_qa import IGNORE_INDEX
 from modules.config import load_config
-from modules.llm import next_token_loss, qwen2_config
-from modules.training import native_bf16, resolve_precision
+from modules.llm.hf import next_token_loss, qwen2_config
+from modules.stage import native_bf16, resolve_precision
 
 
 def step_ms(model: torch.nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor, bf16: bool) -> float:

@@ -26,10 +26,10 @@ import time
 import torch
 from omegaconf import OmegaConf
 
-from modules.codec import Codec
+from modules.codec.stage import Codec
 from modules.config import eval_dir, load_config
-from modules.speech_decoder import SpeechDecoderNet
-from modules.streaming_tts import TokenFIFO
+from modules.speech_decoder.network import SpeechDecoderNet
+from server.fifo import TokenFIFO
 
 
 def _time(fn, repeats: int) -> float:

@@ -23,7 +23,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from datamodules.features import NUM_MEL_BINS, CMVNStats, fbank
-from datamodules.shards import SkipCounter, iter_decoded, resolve_shards
+from datamodules.shards.reader import SkipCounter, iter_decoded, resolve_shards
 
 
 def compute_cmvn(

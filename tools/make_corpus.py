@@ -14,7 +14,7 @@ Layout written under ``--out``::
     audio/tts/<split>/<id>.flac          speech output: one text in the fixed assistant voice, at 24 kHz
     manifests/tts_<split>.jsonl          {"id","audio","text","speaker":"assistant","language","duration","sample_rate","split"}
     audio/turns/<split>/<id>.flac        a user turn for the state classifier (22050 Hz): speech, noise
-                                         and silence pieces (`datamodules.turns`)
+                                         and silence pieces (`datamodules.corpus.turns`)
     manifests/turns_<split>.jsonl        {"id","audio","text","kind","label","sounds":[[start_s,end_s],...],
                                          "end" (end of the last sound, s),"speaker","language","duration",...}
     manifests/voices.json                the voices of each split and the assistant voice
@@ -60,9 +60,9 @@ import soundfile as sf
 from tqdm import tqdm
 
 from datamodules.audio import OUTPUT_SAMPLE_RATE, resample
-from datamodules.sentences import generate_sentences
-from datamodules.turns import assemble_turn, plan_turns
-from datamodules.voices import ASSISTANT_VOICE, SPLITS, Voice, build_voices, voices_to_json
+from datamodules.corpus.sentences import generate_sentences
+from datamodules.corpus.turns import assemble_turn, plan_turns
+from datamodules.corpus.voices import ASSISTANT_VOICE, SPLITS, Voice, build_voices, voices_to_json
 
 # Share of the ASR utterances that go to dev and to test (the rest is train).
 ASR_HELDOUT_FRACTION = {"dev": 0.1, "test": 0.1}
@@ -83,7 +83,7 @@ _TTS: Any = None  # the worker process's ESpeak instance (one per process: the l
 def _init_worker() -> None:
     """Pool initializer: load eSpeak once in this worker process."""
     global _TTS
-    from datamodules.espeak import ESpeak
+    from datamodules.corpus.espeak import ESpeak
 
     _TTS = ESpeak()
 
@@ -108,7 +108,7 @@ def _write_pcm16(path: str, audio: np.ndarray, rate: int) -> int:
 
 
 def _synthesize_turn_job(job: tuple) -> tuple[str, int, int, list]:
-    """A user turn for the state classifier (`datamodules.turns`): pieces of speech, silence and
+    """A user turn for the state classifier (`datamodules.corpus.turns`): pieces of speech, silence and
     noise in one voice at eSpeak's rate; returns ``(key, n_samples, sample_rate, sound spans)``."""
     key, pieces, voice, path = job
     if _TTS is None:
@@ -230,7 +230,7 @@ def _plan_tts(
 def _plan_turns(
     seed: int, n_turns: int, voices: dict[str, list[Voice]], qa_plan: dict[str, list[dict[str, Any]]]
 ) -> dict[str, list[dict[str, Any]]]:
-    """State-classifier turns per split (`datamodules.turns.plan_turns`, 80/10/10), in the split's
+    """State-classifier turns per split (`datamodules.corpus.turns.plan_turns`, 80/10/10), in the split's
     voices: the split's QA questions (templated questions without QA) and new statements."""
     rng = random.Random(f"turns:{seed}")
     sentences = generate_sentences(max(200, n_turns), rng)
@@ -277,7 +277,7 @@ def make_corpus(
     """Synthesize the corpus into ``out_dir`` and return its statistics.
 
     ``qa_builder(seed) -> {"train"|"dev"|"test": [dialogue, ...]}`` defaults to
-    ``datamodules.qa.build_qa_splits`` (imported only when needed); ``include_qa=False`` skips the
+    ``datamodules.corpus.qa.build_qa_splits`` (imported only when needed); ``include_qa=False`` skips the
     spoken-QA part; ``questions_in_asr=False`` keeps the QA training questions out of the ASR
     training manifest; ``n_tts=0`` with ``include_qa=False`` leaves the TTS split empty. Existing
     ``audio/{asr,qa,tts}`` folders under ``out_dir`` are replaced.
@@ -293,7 +293,7 @@ def make_corpus(
     qa_plan: dict[str, list[dict[str, Any]]] = {}
     if include_qa:
         if qa_builder is None:
-            from datamodules.qa import build_qa_splits  # lazy: heavy/optional dependency
+            from datamodules.corpus.qa import build_qa_splits  # lazy: heavy/optional dependency
 
             qa_builder = build_qa_splits
         qa_plan = _plan_qa(seed, voices, qa_builder)

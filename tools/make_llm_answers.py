@@ -13,77 +13,14 @@ LLM; a later call with the same LLM and shards reuses them.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import sys
-from pathlib import Path
 
-from omegaconf import DictConfig
-
-from datamodules.shards import iter_metadata, resolve_shards
 from modules.config import load_config, run_cli
-from modules.llm import load_llm
-from modules.qa_eval import evaluate_text_qa
-from modules.training import apply_num_threads
+from modules.llm.answers import make_llm_answers
+from modules.stage import apply_num_threads
 
 log = logging.getLogger(__name__)
-SPLITS = ("train", "dev")
-
-
-def read_dialogues(shards: str) -> list[dict]:
-    """{"id", "key", "turns": [{"question", "gold", "family", ...}]} of every dialogue (JSON only)."""
-    return [{"id": meta.get("id", key), "key": key, "turns": meta["turns"]} for key, meta in iter_metadata(shards)]
-
-
-def fingerprint(cfg: DictConfig) -> dict:
-    """What the cached answers depend on: the LLM's files and the shard lists."""
-    llm = Path(cfg.llm.path)
-    h = hashlib.sha256()
-    for f in sorted(llm.glob("*.safetensors")) + sorted(llm.glob("*.json")):
-        st = f.stat()
-        h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
-    shards = {s: resolve_shards(cfg.data.spoken_qa[f"{s}_shards"]) for s in SPLITS}
-    return {
-        "llm_path": str(llm),
-        "llm_files": h.hexdigest(),
-        "shards": shards,
-        "max_new_tokens": cfg.speech_llm.max_answer_tokens,
-    }
-
-
-def make_llm_answers(cfg: DictConfig) -> Path:
-    out = Path(cfg.speech_llm.answers_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_llm(cfg.llm)
-    summary = {}
-    for split in SPLITS:
-        dialogues = read_dialogues(cfg.data.spoken_qa[f"{split}_shards"])
-        result = evaluate_text_qa(model, tokenizer, dialogues, cfg.eval.batch_size, cfg.speech_llm.max_answer_tokens)
-        replies: dict[str, list[str]] = {d["key"]: [] for d in dialogues}
-        keys = {d["id"]: d["key"] for d in dialogues}
-        for rec in result["records"]:
-            replies[keys[rec["id"]]].append(rec["reply"])
-        tmp = out / f"{split}.jsonl.tmp"
-        tmp.write_text("".join(json.dumps({"id": k, "replies": r}) + "\n" for k, r in replies.items()))
-        tmp.replace(out / f"{split}.jsonl")
-        summary[split] = {"dialogues": len(dialogues), "turns": result["num_turns"], "accuracy": result["accuracy"]}
-        log.info("%s: %d dialogues, LLM text accuracy %.3f", split, len(dialogues), result["accuracy"])
-    (out / "meta.json").write_text(json.dumps({**fingerprint(cfg), "summary": summary}, indent=2) + "\n")
-    return out
-
-
-def ensure_llm_answers(cfg: DictConfig) -> Path:
-    """The cached answers, generated first if missing or made with another LLM / other shards."""
-    out = Path(cfg.speech_llm.answers_dir)
-    meta = out / "meta.json"
-    if meta.is_file():
-        old = json.loads(meta.read_text())
-        old.pop("summary", None)
-        if old == json.loads(json.dumps(fingerprint(cfg))) and all((out / f"{s}.jsonl").is_file() for s in SPLITS):
-            return out
-        log.info("cached LLM answers in %s were made with another LLM or other shards: regenerating", out)
-    return make_llm_answers(cfg)
 
 
 def main(argv: list[str] | None = None) -> None:

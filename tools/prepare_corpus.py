@@ -4,7 +4,7 @@
 
 1. `tools.make_corpus` synthesizes the eSpeak NG corpus (audio + JSONL manifests).
 2. Every manifest goes through the shard writer used for real corpora
-   (`datamodules.shard_writer.write_shards`), so the real-data path runs on every build.
+   (`datamodules.shards.writer.write_shards`), so the real-data path runs on every build.
 3. Global CMVN stats of the ASR training fbank are written to `<out>/cmvn.json`.
 
 A finished corpus (its `prepared.json` matches the requested settings) is left as it is
@@ -20,10 +20,10 @@ import logging
 import time
 from pathlib import Path
 
-from datamodules.corpus import CORPUS_VERSION, KINDS, SPLITS, manifest_path, shard_dir
-from datamodules.manifests import read_jsonl_manifest
-from datamodules.qa import DEFAULT_SPLIT_SIZES, build_qa_splits
-from datamodules.shard_writer import write_shards
+from datamodules.corpus.layout import CORPUS_VERSION, KINDS, SPLITS, manifest_path, shard_dir
+from datamodules.corpus.qa import DEFAULT_SPLIT_SIZES, build_qa_splits
+from datamodules.shards.manifests import read_jsonl_manifest
+from datamodules.shards.writer import write_shards
 from tools.compute_cmvn import compute_cmvn
 from tools.make_corpus import TTS_QA_DIALOGUES, make_corpus
 

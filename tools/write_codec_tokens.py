@@ -26,15 +26,14 @@ import torch
 from omegaconf import DictConfig
 
 from datamodules.audio import load_audio, resample
-from datamodules.shard_writer import rewrite_shards
-from datamodules.shards import SkipCounter, iter_raw
-from modules.codec import STAGE, Codec, load_codec
+from datamodules.shards.reader import SkipCounter, iter_raw
+from datamodules.shards.writer import rewrite_shards
+from modules.codec.stage import STAGE, VOICE_FILE, Codec, load_codec
 from modules.config import load_config, run_cli, run_dir
-from modules.training import apply_num_threads
+from modules.stage import apply_num_threads
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "dev", "test")
-VOICE_FILE = "assistant_voice.json"
 
 
 def audio_tensor(raw: dict, rate: int) -> torch.Tensor:

@@ -18,8 +18,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from datamodules.manifests import read_jsonl_manifest, read_kaldi_dir
-from datamodules.shard_writer import DEFAULT_MAX_SHARD_SAMPLES, write_shards
+from datamodules.shards.manifests import read_jsonl_manifest, read_kaldi_dir
+from datamodules.shards.writer import DEFAULT_MAX_SHARD_SAMPLES, write_shards
 
 
 def default_root(manifest: Path) -> Path:

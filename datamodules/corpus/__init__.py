@@ -1,0 +1,1 @@
+"""The synthetic eSpeak NG corpus: voices, sentences, QA families, duplex turns, answer checking."""

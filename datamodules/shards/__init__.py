@@ -1,0 +1,1 @@
+"""WebDataset shards: reader (decode, features, batching), writer, manifests."""

@@ -1,0 +1,332 @@
+"""Stage `output_1_codec`: the speech codec (encoder, 40 Hz codebook, voice tokens, generator).
+
+The codec turns 24 kHz speech into one token per 25 ms (1024 codes) plus 8 global "voice"
+tokens, and back. It trains as a GAN (manual optimisation): per batch, the MPD + MSD
+discriminators take one least-squares step on real vs reconstructed crops (from
+`codec.adversarial_start` on), then the encoder + generator take one step on
+
+    mel_weight * L1(log-mel) + commitment_weight * VQ commitment
+    [+ adversarial_weight * LSGAN + feature_weight * feature matching]
+
+The codebooks follow exponential moving averages (no optimiser). `trainer.max_steps` counts
+generator steps. Validation reconstructs whole dev utterances and reports the log-mel distance,
+SI-SNR and codebook use; TensorBoard gets audio and spectrograms of one of them.
+
+The blocks live in `modules.codec.network`; `tools.write_codec_tokens` writes the tokens of the
+TTS shards for the speech decoder; `python infer.py eval_codec` is the report on the test split.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.nn import functional as F
+
+from datamodules.tts import TTSDataModule
+from modules.codec.discriminators import (
+    Discriminators,
+    discriminator_loss,
+    feature_matching_loss,
+    generator_adversarial_loss,
+)
+from modules.codec.network import CodecConfig, Encoder, Generator, LogMel, hop_length
+from modules.config import run_dir
+from modules.layers.quantizer import GlobalQuantizer, VectorQuantizer, codebook_usage
+from modules.stage import (
+    StageModule,
+    fit,
+    load_saved_weights,
+    make_optimizer,
+    read_stage_output,
+    save_stage_output,
+    write_metrics,
+)
+from modules.tb import log_audio, log_spectrograms
+
+log = logging.getLogger(__name__)
+STAGE = "output_1_codec"
+
+
+def codec_config(cfg: DictConfig) -> CodecConfig:
+    return OmegaConf.to_object(cfg.codec)
+
+
+def si_snr(estimate: torch.Tensor, reference: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Scale-invariant signal-to-noise ratio (dB) of 1-D signals (or the last axis)."""
+    estimate = estimate - estimate.mean(-1, keepdim=True)
+    reference = reference - reference.mean(-1, keepdim=True)
+    scale = (estimate * reference).sum(-1, keepdim=True) / (reference.pow(2).sum(-1, keepdim=True) + eps)
+    target = scale * reference
+    noise = estimate - target
+    return 10 * torch.log10(target.pow(2).sum(-1) / (noise.pow(2).sum(-1) + eps) + eps)
+
+
+class Codec(StageModule):
+    """The codec component: `encode` (audio -> tokens), `decode` (tokens -> audio), GAN training."""
+
+    def __init__(self, cfg: DictConfig):
+        super().__init__(cfg)
+        self.automatic_optimization = False
+        c = self.codec_cfg = codec_config(cfg)
+        self.hop = hop_length(c)
+        self.encoder = Encoder(c)
+        self.quantizer = VectorQuantizer(c.codebook_size, c.dim, c.ema_decay, c.dead_code_threshold)
+        self.global_quantizer = GlobalQuantizer(
+            c.global_dim, c.global_groups, c.global_codebook_size, c.ema_decay, c.dead_code_threshold
+        )
+        self.generator = Generator(c)
+        self.discriminators = Discriminators(
+            tuple(c.disc_periods), c.disc_scales, c.disc_scale_width, tuple(c.disc_period_widths)
+        )
+        self.mel = LogMel(c.sample_rate)
+
+    def components(self) -> dict[str, nn.Module]:
+        return {
+            "encoder": self.encoder,
+            "quantizer": self.quantizer,
+            "global_quantizer": self.global_quantizer,
+            "generator": self.generator,
+            "discriminators": self.discriminators,
+        }
+
+    # --- the codec ------------------------------------------------------------------------------
+    def _pad(self, wav: torch.Tensor) -> torch.Tensor:
+        """[B, 1, S] zero-padded to a whole number of tokens."""
+        extra = (-wav.shape[-1]) % self.hop
+        return F.pad(wav, (0, extra)) if extra else wav
+
+    def reconstruct(self, wav: torch.Tensor) -> dict[str, torch.Tensor]:
+        """wav [B, 1, S] -> {"wav" [B, 1, S'] (S' = S rounded up to tokens), "codes" [B, T],
+        "global_tokens" [B, G], "commitment"}."""
+        local, voice = self.encoder(self._pad(wav))
+        b, d, t = local.shape
+        q, codes, commit = self.quantizer(local.transpose(1, 2).reshape(-1, d))
+        gq, gtokens, gcommit = self.global_quantizer(voice)
+        y = self.generator(q.view(b, t, d).transpose(1, 2), gq)
+        return {"wav": y, "codes": codes.view(b, t), "global_tokens": gtokens, "commitment": commit + gcommit}
+
+    @torch.no_grad()
+    def encode(self, wav: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """wav [B, 1, S] at the codec rate -> (codes [B, ceil(S / hop)], global tokens [B, G])."""
+        local, voice = self.encoder(self._pad(wav))
+        b, d, t = local.shape
+        codes = self.quantizer.codes(local.transpose(1, 2).reshape(-1, d)).view(b, t)
+        return codes, self.global_quantizer.codes(voice)
+
+    @torch.no_grad()
+    def voice_vector_tokens(self, voices: torch.Tensor) -> torch.Tensor:
+        """Global tokens [G] of the mean of several utterances' voice features [N, global_dim]."""
+        return self.global_quantizer.codes(voices.mean(0, keepdim=True))[0]
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor, global_tokens: torch.Tensor) -> torch.Tensor:
+        """codes [B, T] (0..K-1) and global tokens [B, G] (or [G]) -> wav [B, 1, hop * T] in [-1, 1]."""
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codec_cfg.codebook_size):
+            raise ValueError(
+                f"codec tokens must lie in 0..{self.codec_cfg.codebook_size - 1}; got {int(codes.min())}..{int(codes.max())}"
+            )
+        if global_tokens.dim() == 1:
+            global_tokens = global_tokens[None].expand(len(codes), -1)
+        x = self.quantizer.embed(codes).transpose(1, 2)
+        return self.generator(x, self.global_quantizer.embed(global_tokens))
+
+    # --- training -------------------------------------------------------------------------------
+    def _generator_params(self) -> list[nn.Parameter]:
+        return [p for m in (self.encoder, self.generator) for p in m.parameters() if p.requires_grad]
+
+    def adversarial(self) -> bool:
+        return self.global_step >= self.codec_cfg.adversarial_start and self.discriminators.training
+
+    def discriminator_objective(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """Least-squares loss of the discriminators on real x vs generated y (detached); also
+        returns their outputs on x, reused (detached) for the generator's feature matching."""
+        real = self.discriminators(x)
+        return discriminator_loss(real, self.discriminators(y.detach())), real
+
+    def generator_objective(
+        self, x: torch.Tensor, out: dict[str, torch.Tensor], real: list | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The encoder + generator objective (module docstring); adversarial terms when `real` is given."""
+        c = self.codec_cfg
+        y = out["wav"]
+        loss_mel = F.l1_loss(self.mel(y), self.mel(x))
+        loss = c.mel_weight * loss_mel + c.commitment_weight * out["commitment"]
+        logs = {"train/mel": loss_mel.detach(), "train/commitment": out["commitment"].detach()}
+        if real is not None:
+            fake = self.discriminators(y)
+            real_feats = [(s.detach(), [f.detach() for f in feats]) for s, feats in real]
+            loss_adv = generator_adversarial_loss(fake)
+            loss_fm = feature_matching_loss(real_feats, fake)
+            loss = loss + c.adversarial_weight * loss_adv + c.feature_weight * loss_fm
+            logs.update({"train/adversarial": loss_adv.detach(), "train/feature_matching": loss_fm.detach()})
+        return loss, logs
+
+    def training_step(self, batch, batch_idx):
+        opt_g, opt_d = self.optimizers()
+        sched_g, sched_d = self.lr_schedulers()
+        clip = self.cfg.trainer.gradient_clip_val or None
+        x = self._pad(batch["wav"])
+        out = self.reconstruct(x)
+        real, logs = None, {}
+        if self.adversarial():
+            loss_d, real = self.discriminator_objective(x, out["wav"])
+            opt_d.zero_grad()
+            self.manual_backward(loss_d)
+            self.clip_gradients(opt_d, gradient_clip_val=clip)
+            # The raw optimizer: stepping the Lightning wrapper would count a second global step.
+            opt_d.optimizer.step()
+            sched_d.step()
+            logs["train/disc"] = loss_d.detach()
+        loss, more = self.generator_objective(x, out, real)
+        opt_g.zero_grad()
+        self.manual_backward(loss)
+        self.clip_gradients(opt_g, gradient_clip_val=clip)
+        opt_g.step()
+        sched_g.step()
+        usage = codebook_usage(out["codes"], self.codec_cfg.codebook_size)
+        self.log_dict({**logs, **more, "train/loss": loss.detach(), "train/code_perplexity": usage["perplexity"]})
+        self.log("mel", more["train/mel"], prog_bar=True, logger=False)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_codes: list[torch.Tensor] = []
+
+    def validation_step(self, batch, batch_idx):
+        m = measure_batch(self, batch)
+        self._val_codes.append(m.pop("codes"))
+        n = len(batch["lens"])
+        self.log("val/mel_distance", m["mel_distance"], batch_size=n)
+        self.log("val/si_snr", m["si_snr"], batch_size=n)
+        self.log("val/loss", m["mel_distance"], batch_size=n, prog_bar=True)
+        if batch_idx == 0 and self.trainer.is_global_zero and self.logger is not None:
+            n0 = int(batch["lens"][0])
+            writer, rate, step = self.logger.experiment, self.codec_cfg.sample_rate, self.global_step
+            log_audio(writer, "audio/original", batch["wav"][0, 0, :n0], rate, step)
+            log_audio(writer, "audio/reconstructed", m["wav"][0, 0, :n0], rate, step)
+            log_spectrograms(writer, "spectrogram/original_vs_reconstructed", {
+                "original": self.mel(batch["wav"][0, 0, :n0])[0], "reconstructed": self.mel(m["wav"][0, 0, :n0])[0],
+            }, step)  # fmt: skip
+
+    def on_validation_epoch_end(self) -> None:
+        if self._val_codes:
+            usage = codebook_usage(torch.cat(self._val_codes), self.codec_cfg.codebook_size)
+            self.log("val/code_perplexity", usage["perplexity"])
+            self.log("val/codes_used", usage["used"])
+
+    def configure_optimizers(self):
+        steps = self.cfg.trainer.max_steps
+        g = make_optimizer(nn.ModuleList([self.encoder, self.generator]), self.cfg.optim, steps)
+        d = make_optimizer(self.discriminators, self.cfg.optim, steps)
+        return [g["optimizer"], d["optimizer"]], [g["lr_scheduler"]["scheduler"], d["lr_scheduler"]["scheduler"]]
+
+
+@torch.no_grad()
+def measure_batch(codec: Codec, batch: dict) -> dict:
+    """Reconstruct a padded batch of whole utterances: mean log-mel L1 and SI-SNR over the valid
+    parts, the codes of the valid frames, and the reconstructions."""
+    was_training = codec.training
+    codec.eval()
+    out = codec.reconstruct(batch["wav"])
+    codec.train(was_training)
+    mels, snrs, codes = [], [], []
+    for i, n in enumerate(batch["lens"].tolist()):
+        x, y = batch["wav"][i, 0, :n], out["wav"][i, 0, :n]
+        mels.append(F.l1_loss(codec.mel(y), codec.mel(x)))
+        snrs.append(si_snr(y, x))
+        codes.append(out["codes"][i, : math.ceil(n / codec.hop)])
+    return {
+        "mel_distance": torch.stack(mels).mean(),
+        "si_snr": torch.stack(snrs).mean(),
+        "codes": torch.cat(codes),
+        "wav": out["wav"],
+    }
+
+
+def tts_data_config(cfg: DictConfig):
+    return OmegaConf.to_object(cfg.data.tts)
+
+
+def check_rates(cfg: DictConfig) -> None:
+    c = codec_config(cfg)
+    if cfg.data.tts.sample_rate != c.sample_rate:
+        raise ValueError(
+            f"data.tts.sample_rate {cfg.data.tts.sample_rate} differs from codec.sample_rate {c.sample_rate}: "
+            "the codec trains on audio at its own rate (the loader resamples to data.tts.sample_rate)"
+        )
+
+
+def run(cfg: DictConfig) -> dict:
+    check_rates(cfg)
+    module = Codec(cfg)
+    counts = module.apply_freezing(list(cfg.stage.trainable))
+    trainer = fit(cfg, module, TTSDataModule(tts_data_config(cfg), "audio"))
+    metrics = {"component_params": counts, "train_steps": trainer.global_step}
+    if trainer.global_rank == 0:
+        save_stage_output(cfg, module)
+        # The dev measures over the first eval.limit utterances (0: all), as the test report reads them.
+        dev = evaluate_codec(cfg, module, "dev", cfg.eval.limit)
+        metrics.update({f"dev_{k}": v for k, v in dev.items() if k != "examples"})
+        write_metrics(cfg, metrics)
+    return metrics
+
+
+def load_codec(cfg: DictConfig, stage: str | None = None) -> Codec:
+    """The trained codec of `cfg`'s experiment, in eval mode: the main chain's, whatever variant
+    a later stage runs (the decoder variants share one codec), unless `stage` names one."""
+    if stage is None:
+        stage = STAGE if cfg.stage.name == STAGE else f"{STAGE}@"
+    saved = read_stage_output(cfg, stage)
+    module = Codec(cfg)
+    load_saved_weights(cfg, module, stage, saved)
+    return module.eval()
+
+
+@torch.no_grad()
+def evaluate_codec(cfg: DictConfig, codec: Codec, split: str, limit: int = 0, audio: dict | None = None) -> dict:
+    """Reconstruction measures over a TTS split: log-mel distance, SI-SNR, code perplexity / share used.
+
+    `audio` (a dict) receives the "originals", "reconstructions" and "texts" when given."""
+    loader = TTSDataModule(tts_data_config(cfg), "audio").make_loader(split)
+    mels, snrs, codes, weights, n = [], [], [], [], 0
+    for batch in loader:
+        m = measure_batch(codec, batch)
+        k = len(batch["lens"])
+        if audio is not None:
+            for i, length in enumerate(batch["lens"].tolist()):
+                audio.setdefault("originals", []).append(batch["wav"][i, 0, :length].numpy())
+                audio.setdefault("reconstructions", []).append(m["wav"][i, 0, :length].numpy())
+            audio.setdefault("texts", []).extend(batch["texts"])
+        mels.append(float(m["mel_distance"]) * k)
+        snrs.append(float(m["si_snr"]) * k)
+        codes.append(m["codes"])
+        weights.append(k)
+        n += k
+        if limit and n >= limit:
+            break
+    usage = codebook_usage(torch.cat(codes), codec.codec_cfg.codebook_size)
+    return {
+        "utterances": n,
+        "mel_distance": sum(mels) / n,
+        "si_snr_db": sum(snrs) / n,
+        "code_perplexity": usage["perplexity"],
+        "codes_used": usage["used"],
+        "bits_per_second": np.log2(codec.codec_cfg.codebook_size) * codec.codec_cfg.sample_rate / codec.hop,
+    }
+
+
+def voice_tokens(cfg: DictConfig) -> torch.Tensor:
+    path = run_dir(cfg, STAGE) / VOICE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: run `python -m tools.write_codec_tokens experiment={cfg.experiment}`"
+        )
+    return torch.tensor(json.loads(path.read_text())["global_tokens"])
+
+
+VOICE_FILE = "assistant_voice.json"

@@ -1,0 +1,1 @@
+"""Building blocks shared by the components: chunked attention, subsampling, Llama blocks, quantizers."""

@@ -1,0 +1,315 @@
+"""The speech decoder: LLM text (and hidden states) -> codec tokens, NAR prefill then AR generation.
+
+Reference section 4 (`LLM2TTSCodecAR`), rebuilt:
+
+    text      LLM input embeddings of the answer text [m, W] -> W/d frames of width d each (the
+              "reshape trick": 3584 = 4 x 896) or a learned projection when W is no multiple of d
+              -> pre-network (2 bidirectional layers) -> prepend BOS            = conditioning
+    prefix    LLM hidden states of the generated answer [n, W] -> frames -> prefix decoder
+              (4 bidirectional layers); layer i's keys/values are the KV prefix of shared layer i
+    shared    4 layers: the conditioning is prefilled with full attention over prefix +
+              conditioning (NAR), then codec tokens are generated one by one from SOS with a KV
+              cache (AR), each attending to prefix + conditioning + earlier tokens
+    output    RMSNorm -> Linear to 1024 codes + 4 specials (BOS 1024, SOS 1025, EOS 1026, PAD 1027)
+
+Training (`modules.speech_decoder.stage`, stages output_2_decoder and output_3_prefix): input
+[BOS, pre-net(text)] ++ [SOS, y_1..y_T], targets y_1..y_T, EOS on the speech part, mean
+cross-entropy over target tokens. Generation masks BOS/SOS/PAD, samples from the top k of codes +
+EOS, stops at EOS or `max_tokens`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from modules.layers.llama import KV, LayerStack, RMSNorm
+
+
+@dataclass
+class SpeechDecoderConfig:
+    dim: int = 896
+    num_heads: int = 14
+    ffn_dim: int = 4864
+    num_layers: int = 4  # the shared NAR/AR stack
+    pre_net_layers: int = 2  # 0 = no pre-network (the paper's ablation)
+    prefix_layers: int = 4  # must equal num_layers: one KV prefix per shared layer
+    codebook_size: int = 1024
+    dropout: float = 0.1
+    rms_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    # LLM width -> decoder width: "auto" reshapes when the LLM width is a multiple of `dim`
+    # (3584 = 4 x 896), else learns a projection; "linear" always projects.
+    llm_projection: str = "auto"
+    max_tokens: int = 1000  # generated tokens per segment at most (25 s at 40 Hz)
+    top_k: int = 2  # the release's decoder_top_k
+
+
+def special_ids(codebook_size: int) -> dict[str, int]:
+    k = codebook_size
+    return {"bos": k, "sos": k + 1, "eos": k + 2, "pad": k + 3}
+
+
+class LLMToDecoder(nn.Module):
+    """[B, n, W] LLM vectors -> [B, r n, d] decoder frames: a reshape (W = r d) or a Linear (r = 1)."""
+
+    def __init__(self, llm_width: int, dim: int, mode: str = "auto"):
+        super().__init__()
+        if mode not in ("auto", "linear"):
+            raise ValueError(f"speech_decoder.llm_projection must be 'auto' or 'linear', not {mode!r}")
+        self.reshape = mode == "auto" and llm_width % dim == 0
+        self.ratio = llm_width // dim if self.reshape else 1
+        self.dim = dim
+        self.proj = None if self.reshape else nn.Linear(llm_width, dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Also expands the validity mask [B, n] -> [B, r n]."""
+        if self.proj is not None:
+            return self.proj(x), mask
+        b, n, _ = x.shape
+        return x.reshape(b, n * self.ratio, self.dim), mask.repeat_interleave(self.ratio, 1)
+
+
+def _bidirectional_mask(valid: torch.Tensor) -> torch.Tensor:
+    """[B, L] validity -> [B, L, L]: every position sees the valid keys (a padded query sees key 0)."""
+    m = valid[:, None, :].expand(-1, valid.shape[1], -1).clone()
+    m[:, :, 0] = True
+    return m
+
+
+def _positions(valid: torch.Tensor) -> torch.Tensor:
+    """0, 1, 2... over the valid positions of each row; padding repeats the last."""
+    return (valid.long().cumsum(1) - 1).clamp(min=0)
+
+
+def _stack(cfg: SpeechDecoderConfig, layers: int) -> LayerStack:
+    return LayerStack(layers, cfg.dim, cfg.num_heads, cfg.ffn_dim, cfg.rms_eps, cfg.dropout, cfg.rope_theta)
+
+
+class TextPreNet(nn.Module):
+    """LLM text embeddings -> decoder frames -> bidirectional layers (none: frames pass through)."""
+
+    def __init__(self, cfg: SpeechDecoderConfig, llm_width: int):
+        super().__init__()
+        self.text_in = LLMToDecoder(llm_width, cfg.dim, cfg.llm_projection)
+        self.layers = _stack(cfg, cfg.pre_net_layers) if cfg.pre_net_layers else None
+
+    def forward(self, text: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, valid = self.text_in(text, valid)
+        if self.layers is not None:
+            x, _ = self.layers(x, _positions(valid), _bidirectional_mask(valid))
+        return x, valid
+
+
+class PrefixDecoder(nn.Module):
+    """LLM hidden states -> decoder frames -> bidirectional layers whose keys/values form the KV
+    prefix of the shared stack (layer i -> shared layer i)."""
+
+    def __init__(self, cfg: SpeechDecoderConfig, llm_width: int):
+        super().__init__()
+        self.hidden_in = LLMToDecoder(llm_width, cfg.dim, cfg.llm_projection)
+        self.layers = _stack(cfg, cfg.prefix_layers)
+
+    def forward(self, hidden: torch.Tensor, valid: torch.Tensor) -> tuple[list[KV], torch.Tensor]:
+        x, valid = self.hidden_in(hidden, valid)
+        _, kvs = self.layers(x, _positions(valid), _bidirectional_mask(valid))
+        return kvs, valid
+
+
+class SharedStack(nn.Module):
+    """The NAR/AR layers, the final norm and the output layer over codes + specials."""
+
+    def __init__(self, cfg: SpeechDecoderConfig):
+        super().__init__()
+        self.layers = _stack(cfg, cfg.num_layers)
+        self.norm = RMSNorm(cfg.dim, cfg.rms_eps)
+        self.out = nn.Linear(cfg.dim, cfg.codebook_size + 4)
+
+    def forward(self, x, positions, mask, past=None) -> tuple[torch.Tensor, list[KV]]:
+        return self.layers(x, positions, mask, past)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.out(self.norm(h))
+
+
+class SpeechDecoding:
+    """The decoder's computations over four parts that the host module owns as attributes:
+    `embedding`, `pre_net` (TextPreNet), `prefix` (PrefixDecoder or None) and `decoder`
+    (SharedStack), plus `dcfg` (SpeechDecoderConfig) and `ids` (special ids). `SpeechDecoderNet`
+    (inference, tests) and the stage module (`modules.speech_decoder.stage`) both host them.
+    """
+
+    dcfg: SpeechDecoderConfig
+    ids: dict[str, int]
+    embedding: nn.Embedding
+    pre_net: TextPreNet
+    prefix: PrefixDecoder | None
+    decoder: SharedStack
+
+    def build_parts(self, cfg: SpeechDecoderConfig, llm_width: int) -> None:
+        if cfg.prefix_layers and cfg.prefix_layers != cfg.num_layers:
+            raise ValueError(
+                f"speech_decoder.prefix_layers ({cfg.prefix_layers}) must equal num_layers ({cfg.num_layers}): "
+                "each prefix layer feeds the keys/values of one shared layer"
+            )
+        self.dcfg = cfg
+        self.ids = special_ids(cfg.codebook_size)
+        self.embedding = nn.Embedding(cfg.codebook_size + 4, cfg.dim, padding_idx=self.ids["pad"])
+        self.pre_net = TextPreNet(cfg, llm_width)
+        self.prefix = PrefixDecoder(cfg, llm_width) if cfg.prefix_layers else None
+        self.decoder = SharedStack(cfg)
+
+    # --- conditioning ---------------------------------------------------------------------------
+    def condition(self, text: torch.Tensor, text_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """LLM text embeddings [B, m, W] (+ validity [B, m]) -> [BOS, pre-net(frames)] and its validity."""
+        x, valid = self.pre_net(text, text_valid)
+        b = x.shape[0]
+        bos = self.embedding.weight[self.ids["bos"]].expand(b, 1, -1).to(x.dtype)
+        ones = torch.ones(b, 1, dtype=torch.bool, device=x.device)
+        return torch.cat([bos, x], 1), torch.cat([ones, valid], 1)
+
+    def prefix_cache(
+        self, hidden: torch.Tensor | None, hidden_valid: torch.Tensor | None
+    ) -> tuple[list[KV] | None, torch.Tensor]:
+        """LLM hidden states [B, n, W] -> per shared layer (keys, values) [B, H, r n, hd] and the
+        keys' validity [B, r n] (empty when there is no prefix)."""
+        if hidden is None or self.prefix is None:
+            b = 1 if hidden is None else hidden.shape[0]
+            device = self.embedding.weight.device
+            return None, torch.zeros(b, 0, dtype=torch.bool, device=device)
+        return self.prefix(hidden, hidden_valid)
+
+    # --- training -------------------------------------------------------------------------------
+    def teacher_forced(
+        self,
+        text: torch.Tensor,
+        text_valid: torch.Tensor,
+        codes: torch.Tensor,
+        codes_lens: torch.Tensor,
+        hidden: torch.Tensor | None = None,
+        hidden_valid: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher forcing. codes [B, T] (padding anywhere >= codes_lens). Returns (logits of the
+        speech positions [B, T + 1, vocab], targets [B, T + 1] with -100 on padding)."""
+        b, t = codes.shape
+        cond, cond_valid = self.condition(text, text_valid)
+        past, prefix_valid = self.prefix_cache(hidden, hidden_valid)
+        if past is not None and prefix_valid.shape[0] != b:
+            raise ValueError("hidden states and text batches differ in size")
+        if past is None:
+            prefix_valid = prefix_valid.expand(b, -1)
+        ar = torch.arange(t + 1, device=codes.device)
+        speech_valid = ar[None] <= codes_lens[:, None]  # SOS + T tokens
+        inputs = torch.where(ar[None, 1:] <= codes_lens[:, None], codes.clamp(min=0), self.ids["pad"])
+        inputs = torch.cat([torch.full((b, 1), self.ids["sos"], device=codes.device), inputs], 1)
+        x = torch.cat([cond, self.embedding(inputs).to(cond.dtype)], 1)
+        c = cond.shape[1]
+        # keys: prefix | conditioning | speech
+        n_keys = prefix_valid.shape[1] + c + t + 1
+        mask = torch.zeros(b, c + t + 1, n_keys, dtype=torch.bool, device=codes.device)
+        p = prefix_valid.shape[1]
+        mask[:, :, :p] = prefix_valid[:, None, :]
+        mask[:, :, p : p + c] = cond_valid[:, None, :]
+        causal = torch.ones(t + 1, t + 1, dtype=torch.bool, device=codes.device).tril()
+        mask[:, c:, p + c :] = causal[None] & speech_valid[:, None, :]
+        cond_len = cond_valid.sum(1)
+        positions = torch.cat([_positions(cond_valid), cond_len[:, None] + ar[None]], 1)
+        h, _ = self.decoder(x, positions, mask, past)
+        logits = self.decoder.logits(h[:, c:])
+        targets = torch.where(ar[None] < codes_lens[:, None], F.pad(codes, (0, 1)).clamp(min=0), -100)
+        targets[torch.arange(b), codes_lens] = self.ids["eos"]
+        return logits, targets
+
+    # --- generation -----------------------------------------------------------------------------
+    def _sample(self, logits: torch.Tensor, top_k: int, generator: torch.Generator | None) -> torch.Tensor:
+        logits = logits.float().clone()
+        logits[:, [self.ids["bos"], self.ids["sos"], self.ids["pad"]]] = float("-inf")
+        if top_k <= 1:
+            return logits.argmax(-1)
+        vals, idx = logits.topk(top_k, -1)
+        pick = torch.multinomial(vals.softmax(-1), 1, generator=generator)
+        return idx.gather(1, pick)[:, 0]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        text: torch.Tensor,
+        text_valid: torch.Tensor,
+        hidden: torch.Tensor | None = None,
+        hidden_valid: torch.Tensor | None = None,
+        top_k: int | None = None,
+        max_tokens: int | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+        on_token=None,
+        on_prefill=None,
+    ) -> list[torch.Tensor]:
+        """Codec tokens per batch row (without EOS). `use_cache=False` recomputes the whole
+        sequence at every step (the benchmark's baseline); `on_token(step, tokens [B])` sees each
+        step's tokens as they come (streaming); `on_prefill()` is called once the NAR prefill of
+        the conditioning is done (latency breakdowns)."""
+        top_k = self.dcfg.top_k if top_k is None else top_k
+        max_tokens = self.dcfg.max_tokens if max_tokens is None else max_tokens
+        cond, cond_valid = self.condition(text, text_valid)
+        b, c = cond.shape[:2]
+        prefix, prefix_valid = self.prefix_cache(hidden, hidden_valid)
+        prefix_valid = prefix_valid.expand(b, -1)
+        p = prefix_valid.shape[1]
+        device = cond.device
+        cond_len = cond_valid.sum(1)
+        # NAR prefill of the conditioning (full attention over prefix + conditioning)
+        mask = torch.cat([prefix_valid[:, None].expand(-1, c, -1), cond_valid[:, None].expand(-1, c, -1)], 2)
+        _, past = self.decoder(cond, _positions(cond_valid), mask, prefix)
+        if on_prefill is not None:
+            on_prefill()
+        keys_valid = torch.cat([prefix_valid, cond_valid], 1)
+        token = torch.full((b,), self.ids["sos"], device=device)
+        done = torch.zeros(b, dtype=torch.bool, device=device)
+        out: list[torch.Tensor] = []
+        history = [token]
+        for step in range(max_tokens):
+            keys_valid = torch.cat([keys_valid, torch.ones(b, 1, dtype=torch.bool, device=device)], 1)
+            if use_cache:
+                x = self.embedding(token)[:, None].to(cond.dtype)
+                h, past = self.decoder(x, (cond_len + step)[:, None], keys_valid[:, None], past)
+            else:  # recompute conditioning + every token so far (prefix keys stay cached)
+                seq = self.embedding(torch.stack(history, 1)).to(cond.dtype)
+                n = seq.shape[1]
+                full = torch.cat([cond, seq], 1)
+                m = keys_valid[:, None].expand(-1, c + n, -1).clone()
+                m[:, :c, p + c :] = False
+                m[:, c:, p + c :] &= torch.ones(n, n, dtype=torch.bool, device=device).tril()
+                pos = torch.cat([_positions(cond_valid), cond_len[:, None] + torch.arange(n, device=device)], 1)
+                h, _ = self.decoder(full, pos, m, prefix)
+                h = h[:, -1:]
+            token = self._sample(self.decoder.logits(h[:, -1]), top_k, generator)
+            token = torch.where(done, self.ids["eos"], token)
+            done |= token == self.ids["eos"]
+            if on_token is not None:
+                on_token(step, token)
+            if bool(done.all()):
+                break
+            out.append(token)
+            history.append(token)
+        if not out:
+            return [torch.zeros(0, dtype=torch.long, device=device) for _ in range(b)]
+        seqs = torch.stack(out, 1)
+        result = []
+        for row in seqs:
+            end = (row == self.ids["eos"]).nonzero()
+            result.append(row[: int(end[0]) if len(end) else len(row)])
+        return result
+
+
+class SpeechDecoderNet(SpeechDecoding, nn.Module):
+    """The decoder as a plain module (parameter counts, tests, inference without Lightning)."""
+
+    def __init__(self, cfg: SpeechDecoderConfig, llm_width: int):
+        nn.Module.__init__(self)
+        self.build_parts(cfg, llm_width)
+
+    def forward(self, *args, **kwargs):
+        return self.teacher_forced(*args, **kwargs)

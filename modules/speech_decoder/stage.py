@@ -1,0 +1,255 @@
+"""Stages output_2_decoder and output_3_prefix: the speech decoder trained against the frozen LLM.
+
+* `output_2_decoder` trains the token embedding, the pre-network and the shared NAR/AR stack on
+  text–speech pairs (the TTS shards with codec tokens, `tools.write_codec_tokens`): the answer
+  text enters as the frozen LLM's input embeddings of its tokens; cross-entropy on codec tokens.
+* `output_3_prefix` trains only the prefix decoder, on the spoken-QA training dialogues: the
+  frozen LLM reads each dialogue with its own earlier replies and its reply to the question
+  (the replies cached by `tools.make_llm_answers`, so these are the hidden states it had while
+  generating them); the reply's codec tokens come from the TTS shards when the reply is the
+  corpus's reference answer (95% of turns for the tiny stand-in), else from the reply spoken in
+  the assistant voice (eSpeak) and encoded with the trained codec.
+
+`stage.variant=nopre speech_decoder.pre_net_layers=0` gives the chain without a pre-network
+(the paper's Table 2 ablation).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from datamodules.answer_speech import AnswerSpeechDataModule
+from datamodules.shards.reader import iter_metadata, iter_raw
+from datamodules.text_qa import chat_messages
+from datamodules.tts import CODES_MEMBER, TTSDataModule
+from modules.llm.hf import load_llm
+from modules.speech_decoder.network import SpeechDecoderConfig, SpeechDecoding
+from modules.stage import (
+    StageModule,
+    fit,
+    load_saved_weights,
+    load_stage_outputs,
+    make_optimizer,
+    read_stage_output,
+    save_stage_output,
+    write_metrics,
+)
+
+log = logging.getLogger(__name__)
+DECODER = "output_2_decoder"
+PREFIX = "output_3_prefix"
+
+
+def decoder_config(cfg: DictConfig) -> SpeechDecoderConfig:
+    return OmegaConf.to_object(cfg.speech_decoder)
+
+
+class SpeechDecoder(SpeechDecoding, StageModule):
+    """The speech-decoder component: its four parts plus the frozen LLM that feeds them."""
+
+    def __init__(self, cfg: DictConfig, llm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
+        StageModule.__init__(self, cfg)
+        dcfg = decoder_config(cfg)
+        if dcfg.codebook_size != cfg.codec.codebook_size:
+            raise ValueError(
+                f"speech_decoder.codebook_size {dcfg.codebook_size} differs from codec.codebook_size "
+                f"{cfg.codec.codebook_size}: the decoder's vocabulary is the codec's codes"
+            )
+        self.build_parts(dcfg, llm.config.hidden_size)
+        self.llm, self.tokenizer = llm, tokenizer
+
+    def components(self) -> dict[str, nn.Module]:
+        comps = {"embedding": self.embedding, "pre_net": self.pre_net, "decoder": self.decoder, "llm": self.llm}
+        if self.prefix is not None:
+            comps["prefix"] = self.prefix
+        return comps
+
+    # --- LLM-side inputs ------------------------------------------------------------------------
+    def _pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        n = max(1, max(len(r) for r in rows))
+        ids = torch.full((len(rows), n), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+        valid = torch.zeros(len(rows), n, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            valid[i, : len(r)] = True
+        return ids.to(self.device), valid.to(self.device)
+
+    def text_ids(self, texts: list[str]) -> list[list[int]]:
+        return [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+    @torch.no_grad()
+    def text_inputs(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LLM's input embeddings of each text's tokens [B, m, W] and their validity."""
+        ids, valid = self._pad(self.text_ids(texts))
+        return self.llm.get_input_embeddings()(ids).float(), valid
+
+    @torch.no_grad()
+    def reply_hidden_states(self, messages: list[list[dict]], replies: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frozen LLM's last hidden states (after the final norm) at the positions that
+        predict each reply token, given the chat so far: [B, n, W] and their validity."""
+        prompts = [
+            self.tokenizer(self.tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True),
+                           add_special_tokens=False)["input_ids"]
+            for m in messages
+        ]  # fmt: skip
+        reply_ids = self.text_ids(replies)
+        ids, valid = self._pad([p + r for p, r in zip(prompts, reply_ids)])
+        hidden = self.llm.get_decoder()(input_ids=ids, attention_mask=valid.long()).last_hidden_state.float()
+        n = max(1, max(len(r) for r in reply_ids))
+        out = hidden.new_zeros(len(prompts), n, hidden.shape[-1])
+        out_valid = torch.zeros(len(prompts), n, dtype=torch.bool, device=hidden.device)
+        for i, (p, r) in enumerate(zip(prompts, reply_ids)):
+            out[i, : len(r)] = hidden[i, len(p) - 1 : len(p) - 1 + len(r)]
+            out_valid[i, : len(r)] = True
+        return out, out_valid
+
+    def conditioning(self, batch: dict) -> dict[str, torch.Tensor | None]:
+        text, text_valid = self.text_inputs(batch["texts"])
+        hidden = hidden_valid = None
+        if "messages" in batch and self.prefix is not None:
+            hidden, hidden_valid = self.reply_hidden_states(batch["messages"], batch["texts"])
+        return {"text": text, "text_valid": text_valid, "hidden": hidden, "hidden_valid": hidden_valid}
+
+    # --- training -------------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        return self.teacher_forced(*args, **kwargs)
+
+    def _step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        cond = self.conditioning(batch)
+        logits, targets = self.teacher_forced(
+            cond["text"], cond["text_valid"], batch["codes"].to(self.device), batch["codes_lens"].to(self.device),
+            cond["hidden"], cond["hidden_valid"],
+        )  # fmt: skip
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        keep = targets != -100
+        accuracy = (logits.argmax(-1)[keep] == targets[keep]).float().mean()
+        return loss, accuracy
+
+    def training_step(self, batch, batch_idx):
+        loss, acc = self._step(batch)
+        n = len(batch["texts"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self.log("train/token_accuracy", acc, batch_size=n)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        loss, acc = self._step(batch)
+        n = len(batch["texts"])
+        self.log("val/loss", loss, prog_bar=True, batch_size=n)
+        self.log("val/token_accuracy", acc, batch_size=n)
+
+    def configure_optimizers(self):
+        return make_optimizer(self, self.cfg.optim, self.cfg.trainer.max_steps)
+
+
+def build(cfg: DictConfig) -> SpeechDecoder:
+    llm, tokenizer = load_llm(cfg.llm)
+    return SpeechDecoder(cfg, llm, tokenizer)
+
+
+def load_speech_decoder(cfg: DictConfig, with_prefix: bool = True) -> SpeechDecoder:
+    """The trained decoder of `cfg`'s experiment (and variant), in eval mode: output_2_decoder's
+    weights, plus output_3_prefix's when `with_prefix`."""
+    module = build(cfg)
+    for stage in (DECODER, PREFIX) if with_prefix else (DECODER,):
+        load_saved_weights(cfg, module, stage, read_stage_output(cfg, stage))
+    return module.eval()
+
+
+# --- output_3_prefix data -----------------------------------------------------------------------
+def tts_codes_by_id(shards: str) -> dict[str, tuple[str, np.ndarray]]:
+    """{sample id: (text, codes)} of TTS shards with codec tokens (audio members are not decoded)."""
+    out = {}
+    for raw in iter_raw(shards):
+        if CODES_MEMBER in raw:
+            meta = json.loads(raw["json"])
+            out[str(meta.get("id", raw["__key__"]))] = (meta["text"], np.load(io.BytesIO(raw[CODES_MEMBER])))
+    return out
+
+
+def answer_examples(cfg: DictConfig, split: str, codec=None) -> tuple[list[dict], dict]:
+    """Examples of `datamodules.answer_speech` for the QA dialogues of `split` (train / dev)."""
+    from modules.speech_llm.model import read_llm_answers
+
+    replies = read_llm_answers(cfg, split)
+    known = tts_codes_by_id(cfg.data.tts_codes[f"{split}_shards"])
+    examples, to_speak, empty, unspeakable = [], [], 0, 0
+    limit = cfg.data.tts_codes.limit or float("inf")
+    for key, meta in iter_metadata(cfg.data.spoken_qa[f"{split}_shards"]):
+        if len(examples) + len(to_speak) >= limit:
+            break
+        did = str(meta.get("id", key))
+        history: list[tuple[str, str]] = []
+        for k, (turn, reply) in enumerate(zip(meta["turns"], replies.get(key, []))):
+            history.append((turn["question"], reply))
+            if not reply.strip():  # nothing to speak (the LLM ended its turn at once)
+                empty += 1
+                continue
+            if len(examples) + len(to_speak) >= limit:
+                break
+            ex = {"id": f"{did}-t{k}", "messages": chat_messages(history[:-1], turn["question"]), "text": reply}
+            ref = known.get(f"tts-{did}-t{k}")
+            if ref is not None and ref[0] == reply:
+                ex["codes"] = ref[1].astype(np.int64)
+                examples.append(ex)
+            else:
+                to_speak.append(ex)
+    if to_speak:
+        from datamodules.corpus.espeak import ESpeak, assistant_speech
+        from modules.codec.stage import load_codec
+
+        codec = codec or load_codec(cfg)
+        tts, rate = ESpeak(), codec.codec_cfg.sample_rate
+        for ex in tqdm(to_speak, desc=f"speaking {split} replies", unit="reply"):
+            try:
+                wav = torch.from_numpy(assistant_speech(ex["text"], rate, tts))[None, None]
+            except RuntimeError as exn:  # e.g. punctuation only: eSpeak gives no audio
+                log.warning("cannot speak reply %s (%r): %s", ex["id"], ex["text"], exn)
+                unspeakable += 1
+                continue
+            ex["codes"] = codec.encode(wav)[0][0].numpy().astype(np.int64)
+            examples.append(ex)
+    stats = {
+        "examples": len(examples), "from_tts_shards": len(examples) - len(to_speak) + unspeakable,
+        "spoken": len(to_speak) - unspeakable, "skipped_empty": empty, "skipped_unspeakable": unspeakable,
+    }  # fmt: skip
+    log.info("%s spoken answers: %s", split, stats)
+    return examples, stats
+
+
+# --- runs ---------------------------------------------------------------------------------------
+def run(cfg: DictConfig) -> dict:
+    module = build(cfg)
+    loaded = load_stage_outputs(cfg, module)
+    counts = module.apply_freezing(list(cfg.stage.trainable))
+    metrics: dict = {"component_params": counts}
+    if cfg.stage.name == DECODER:
+        data = TTSDataModule(OmegaConf.to_object(cfg.data.tts_codes), "codes")
+    else:
+        if not any(k.startswith("decoder.") for k in loaded):
+            raise ValueError(f"stage {PREFIX} trains the prefix of a trained decoder: set stage.init_from: [{DECODER}]")
+        from modules.llm.answers import ensure_llm_answers
+
+        ensure_llm_answers(cfg)  # the LLM's replies to the training questions, cached once
+        examples, stats = {}, {}
+        for split in ("train", "dev"):
+            examples[split], stats[split] = answer_examples(cfg, split)
+        metrics["answers"] = stats
+        data = AnswerSpeechDataModule(examples, cfg.data.tts_codes.max_tokens_per_batch, cfg.seed)
+    trainer = fit(cfg, module, data)
+    metrics["train_steps"] = trainer.global_step
+    if trainer.global_rank == 0:
+        save_stage_output(cfg, module)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
+        write_metrics(cfg, metrics)
+    return metrics

@@ -1,0 +1,1 @@
+"""Speech and prompt embeddings around the frozen LLM (stages input_2_align, input_3_prompt)."""

@@ -1,0 +1,599 @@
+"""Speech into the frozen LLM: stages `input_2_align` and `input_3_prompt`, and the streaming input path.
+
+Glossary: B examples, N utterances, S speech embeddings (12.5 Hz), L sequence positions,
+D the LLM width. Components: `encoder` (from input_1_ctc), `adapter`, `specials` (speech
+begin/end vectors), `prompt` (N learned vectors) and the frozen `llm`.
+
+A dialogue is laid out in the LLM's own chat template (`ChatLayout`), with the speech span of
+each user turn in place of its text:
+
+    system | user_prefix [prompt] [instruction] <begin> speech <end> user_suffix | answer <eos> ...
+
+* input_2_align (ASR data): trains encoder, adapter and specials so that the frozen LLM,
+  given "Repeat after me: " + speech, emits the transcript.
+* input_3_prompt (spoken multi-round QA): trains only the prompt vectors so that the frozen
+  LLM answers the spoken question with the answer it gives to the text of the same question
+  (targets cached by `tools.make_llm_answers`, see `llm_answers`).
+
+`StreamingInput` feeds 16 kHz audio chunk by chunk through fbank -> encoder -> adapter and
+prefills the LLM's KV cache as the audio arrives (the paper's chunk-wise prefill); at the end
+of a turn only the end vector and the assistant header remain to prefill.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from datamodules.asr import ASRDataModule
+from datamodules.corpus.turns import IGNORE
+from datamodules.features import StreamingFbank
+from datamodules.spoken_qa import PairedDataModule, SpokenQADataModule
+from datamodules.text_qa import IGNORE_INDEX, SYSTEM_PROMPT
+from datamodules.transcripts import LLMTokenUnits
+from modules.adapter import AdapterState, SpeechAdapter
+from modules.encoder.ctc import CTCUnits, Decoder, ctc_loss, encoder_data_config, evaluate_wer, units_from_json
+from modules.encoder.network import EncoderState, SpeechEncoder
+from modules.llm.hf import load_llm, next_token_loss
+from modules.speech_llm.embeddings import PromptEmbedding, SpeechSpecials
+from modules.stage import (
+    StageModule,
+    fit,
+    load_stage_outputs,
+    make_optimizer,
+    read_stage_output,
+    save_stage_output,
+    write_metrics,
+)
+
+log = logging.getLogger(__name__)
+
+ALIGN, PROMPT, STATE = "input_2_align", "input_3_prompt", "input_4_state"
+PAIRED_TASKS = {"asr": ALIGN, "qa": PROMPT}  # the parts of a stage-2 batch with the QA term, and their layouts
+NUM_STATES = 4  # the state head's outputs: listen, answer, drop and an ignored fourth (as the release)
+CHUNK_SAMPLES = 2560  # the streaming chunk: 160 ms of 16 kHz audio
+
+
+# --- the chat template around speech ----------------------------------------------------------
+@dataclass
+class ChatLayout:
+    """Token ids of the LLM's chat template around user turns, derived from the tokenizer."""
+
+    system: list[int]  # system turn, closed
+    user_prefix: list[int]  # opens a user turn
+    user_suffix: list[int]  # closes it and opens the assistant turn
+    answer_end: list[int]  # closes an assistant turn; its first token is the one the LLM must emit
+    eos_id: int
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: PreTrainedTokenizerBase, system_prompt: str = SYSTEM_PROMPT) -> ChatLayout:
+        marks = ["@@U1@@", "@@A1@@", "@@U2@@", "@@A2@@"]
+        messages = [{"role": "system", "content": system_prompt}]
+        messages += [{"role": r, "content": m} for r, m in zip(["user", "assistant"] * 2, marks)]
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        try:
+            head, rest = text.split(marks[0])
+            user_suffix, rest = rest.split(marks[1])
+            between, rest = rest.split(marks[2])
+            _, answer_end = rest.split(marks[3])
+        except ValueError:
+            raise ValueError("the chat template does not render plain user/assistant contents in order") from None
+        if not between.startswith(answer_end) or not head.endswith(between[len(answer_end) :]):
+            raise ValueError(f"cannot locate the user-turn prefix in the chat template: {text!r}")
+        user_prefix = between[len(answer_end) :]
+        system = head[: len(head) - len(user_prefix)]
+
+        def ids(s: str) -> list[int]:
+            return tokenizer(s, add_special_tokens=False)["input_ids"] if s else []
+
+        layout = cls(ids(system), ids(user_prefix), ids(user_suffix), ids(answer_end), int(tokenizer.eos_token_id))
+        if not layout.answer_end or layout.answer_end[0] != layout.eos_id:
+            raise ValueError(f"the assistant turn does not end with the eos token {tokenizer.eos_token!r}")
+        return layout
+
+
+@dataclass
+class Turn:
+    """One user turn of a training/eval sequence: speech index (into the batch's speech) + target text."""
+
+    speech: int
+    target: str | None  # None: the sequence ends with this turn's assistant header (generation)
+
+
+# --- the module -------------------------------------------------------------------------------
+class SpeechLLM(StageModule):
+    """Encoder + adapter + speech vectors + prompt in front of a frozen causal LM."""
+
+    def __init__(
+        self,
+        cfg: DictConfig,
+        llm: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        ctc_units: CTCUnits | None = None,
+    ):
+        super().__init__(cfg)
+        self.tokenizer = tokenizer
+        self.layout = ChatLayout.from_tokenizer(tokenizer)
+        width = llm.get_input_embeddings().weight.shape[1]
+        reference = llm.get_input_embeddings().weight.detach()
+        self.encoder = SpeechEncoder(OmegaConf.to_object(cfg.encoder))
+        self.ctc_units = ctc_units  # the stage-1 CTC units (adapter.lexical only)
+        num_units = len(ctc_units) if ctc_units is not None else 0
+        self.adapter = SpeechAdapter(OmegaConf.to_object(cfg.adapter), self.encoder.output_dim, width, num_units)
+        self.specials = SpeechSpecials(width, reference)
+        self.prompt = PromptEmbedding(cfg.speech_llm.prompt_num, width, reference)
+        # The chunk-level state classifier on the LLM's last hidden state (stage input_4_state).
+        self.state_head = nn.Linear(width, NUM_STATES)
+        self.llm = llm
+        self.instruction = tokenizer(cfg.speech_llm.align_instruction, add_special_tokens=False)["input_ids"]
+
+    def components(self) -> dict[str, nn.Module]:
+        return {
+            "encoder": self.encoder,
+            "adapter": self.adapter,
+            "specials": self.specials,
+            "prompt": self.prompt,
+            "state_head": self.state_head,
+            "llm": self.llm,
+        }
+
+    @property
+    def task(self) -> str:
+        return self.cfg.stage.name if self.cfg.stage.name in (PROMPT, STATE) else ALIGN
+
+    # --- building sequences -------------------------------------------------------------------
+    def embed_ids(self, ids: list[int]) -> torch.Tensor:
+        table = self.llm.get_input_embeddings()
+        return table(torch.tensor(ids, dtype=torch.long, device=table.weight.device))
+
+    def speech_embeddings(
+        self, feats: torch.Tensor, feats_lens: torch.Tensor, chunk_frames: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """feats [N, T, 80] raw fbank -> (speech [N, S, D], speech_lens [N])."""
+        enc, enc_lens = self.encoder(feats, feats_lens, chunk_frames)
+        return self.adapter(enc, enc_lens)
+
+    def user_turn_start(self, task: str) -> torch.Tensor:
+        """Everything of a user turn before its speech, [n, D]."""
+        parts = [self.embed_ids(self.layout.user_prefix)]
+        if task == PROMPT:
+            parts.append(self.prompt())
+        elif self.instruction:
+            parts.append(self.embed_ids(self.instruction))
+        parts.append(self.specials(SpeechSpecials.BEGIN))
+        return torch.cat(parts)
+
+    def user_turn_end(self) -> torch.Tensor:
+        """The speech-end vector and the assistant header, [n, D]."""
+        return torch.cat([self.specials(SpeechSpecials.END), self.embed_ids(self.layout.user_suffix)])
+
+    def build_sequences(
+        self, speech: torch.Tensor, speech_lens: torch.Tensor, dialogues: list[list[Turn]], task: str, left_pad: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Embeddings [B, L, D], attention mask [B, L] and labels [B, L] of `dialogues`.
+
+        Labels cover every target answer and its eos token (IGNORE_INDEX elsewhere).
+        """
+        system = self.embed_ids(self.layout.system)
+        end = self.user_turn_end()
+        start = self.user_turn_start(task)
+        seqs, labels = [], []
+        for turns in dialogues:
+            parts, lab = [system], [IGNORE_INDEX] * len(system)
+            for turn in turns:
+                s = speech[turn.speech, : int(speech_lens[turn.speech])]
+                parts += [start, s.to(start.dtype), end]
+                lab += [IGNORE_INDEX] * (len(start) + len(s) + len(end))
+                if turn.target is not None:
+                    ids = self.tokenizer(turn.target, add_special_tokens=False)["input_ids"] + self.layout.answer_end
+                    parts.append(self.embed_ids(ids))
+                    n_label = len(ids) - len(self.layout.answer_end) + 1  # the answer and its eos
+                    lab += ids[:n_label] + [IGNORE_INDEX] * (len(ids) - n_label)
+            seqs.append(torch.cat(parts))
+            labels.append(torch.tensor(lab, dtype=torch.long))
+        longest = max(len(s) for s in seqs)
+        dev = system.device
+        emb = system.new_zeros(len(seqs), longest, system.shape[1])
+        mask = torch.zeros(len(seqs), longest, dtype=torch.long, device=dev)
+        lab_out = torch.full((len(seqs), longest), IGNORE_INDEX, dtype=torch.long, device=dev)
+        for i, (s, lab) in enumerate(zip(seqs, labels)):
+            sl = slice(longest - len(s), longest) if left_pad else slice(0, len(s))
+            emb[i, sl] = s
+            mask[i, sl] = 1
+            lab_out[i, sl] = lab.to(dev)
+        return emb, mask, lab_out
+
+    def sequence_loss(self, emb, mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean CE over labelled positions and token accuracy."""
+        return next_token_loss(self.llm, labels, mask, inputs_embeds=emb, ignore_index=IGNORE_INDEX)
+
+    # --- batches of the two stages ------------------------------------------------------------
+    def dialogues_of(self, batch: dict, task: str) -> list[list[Turn]]:
+        if task == ALIGN:
+            return [[Turn(i, t)] for i, t in enumerate(batch["texts"])]
+        answers = self.llm_answers
+        out: list[list[Turn]] = [[] for _ in batch["keys"]]
+        for n, (d, k) in enumerate(zip(batch["dialogue_index"].tolist(), batch["turn_index"].tolist())):
+            key = batch["keys"][d]
+            if key not in answers:
+                raise KeyError(f"no cached LLM answer for dialogue {key}; rerun tools.make_llm_answers")
+            out[d].append(Turn(n, answers[key][k]))
+        return out
+
+    def embedding_ctc_loss(self, speech: torch.Tensor, lens: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """CTC of speech frames [N, S, D] against each text's LLM tokens (see SpeechLLMConfig).
+
+        A frame's score for token v is its cosine to the LLM's input embedding of v; the blank's
+        is its cosine to minus the mean embedding (a direction no token points to); both times
+        `embedding_ctc_scale`.
+        """
+        table = self.llm.get_input_embeddings().weight.detach().float()
+        keys = nn.functional.normalize(torch.cat([-table.mean(0, keepdim=True), table]), dim=-1)
+        sim = nn.functional.normalize(speech.float(), dim=-1) @ keys.T  # [N, S, 1 + V], blank first
+        targets = [[i + 1 for i in self.tokenizer(t, add_special_tokens=False)["input_ids"]] for t in texts]
+        return ctc_loss((sim * self.cfg.speech_llm.embedding_ctc_scale).log_softmax(-1), lens, targets)
+
+    def _task_loss(self, batch: dict, task: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """CE of one batch laid out for `task`, its token accuracy and its number of sequences."""
+        speech, lens = self.speech_embeddings(batch["feats"], batch["feats_lens"])
+        dialogues = self.dialogues_of(batch, task)
+        emb, mask, labels = self.build_sequences(speech, lens, dialogues, task, left_pad=False)
+        loss, acc = self.sequence_loss(emb, mask, labels)
+        weight = float(self.cfg.speech_llm.embedding_ctc_weight)
+        if weight > 0 and task == ALIGN:
+            loss = loss + weight * self.embedding_ctc_loss(speech, lens, batch["texts"])
+        return loss, acc, len(dialogues)
+
+    def _parts(self, batch: dict) -> list[tuple[dict, str]]:
+        """(batch, task) of each part of a paired stage-2 batch (`PairedDataModule`), else of the batch."""
+        return [(batch[p], task) for p, task in PAIRED_TASKS.items() if p in batch] or [(batch, self.task)]
+
+    def _step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, int, dict[str, torch.Tensor]]:
+        """(loss, token accuracy, sequences, extra metrics) of a training or validation batch.
+
+        With `speech_llm.align_qa_weight` (stage input_2_align) a batch is {"asr": .., "qa": ..}
+        (`PairedDataModule`; "asr" only while align_asr_weight > 0) and the loss is the weighted
+        sum of the transcript and spoken-QA answer losses; accuracy and size are the first part's.
+        """
+        if not set(batch) <= set(PAIRED_TASKS):
+            return *self._task_loss(batch, self.task), {}
+        weights = {"asr": self.cfg.speech_llm.align_asr_weight, "qa": self.cfg.speech_llm.align_qa_weight}
+        total, extra, first = 0.0, {}, None
+        for part, task in PAIRED_TASKS.items():
+            if part in batch:
+                loss, acc, n = self._task_loss(batch[part], task)
+                total = total + float(weights[part]) * loss
+                extra.update({f"{part}_loss": loss, f"{part}_token_acc": acc})
+                first = first or (acc, n)
+        return total, first[0], first[1], extra
+
+    def state_probs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """P(listen, answer, drop) [..., 3] from LLM last hidden states [..., D]: a softmax over the
+        head's first three logits (the fourth is ignored, as in the release)."""
+        return self.state_head(hidden.to(self.state_head.weight.dtype))[..., :IGNORE].float().softmax(-1)
+
+    def state_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Stage input_4_state: CE of the head on recorded chunk-end states [N, D] (IGNORE labels
+        masked), accuracy over the three states, and the number of labelled chunks."""
+        logits = self.state_head(batch["hidden"])
+        labels = batch["labels"]
+        loss = nn.functional.cross_entropy(logits.float(), labels, ignore_index=IGNORE)
+        valid = labels != IGNORE
+        acc = ((logits[:, :IGNORE].argmax(-1) == labels) & valid).sum() / valid.sum().clamp(min=1)
+        return loss, acc, int(valid.sum())
+
+    def _state_step(self, batch: dict, split: str) -> torch.Tensor:
+        loss, acc, n = self.state_loss(batch)
+        self.log(f"{split}/loss", loss, prog_bar=True, batch_size=n)
+        self.log(f"{split}/state_acc", acc, prog_bar=split == "val", batch_size=n)
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        if self.task == STATE:
+            return self._state_step(batch, "train")
+        loss, acc, n, extra = self._step(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self.log("train/token_acc", acc, batch_size=n)
+        for name, value in extra.items():
+            self.log(f"train/{name}", value, batch_size=n)
+        for part, _ in self._parts(batch):
+            for reason, count in part["skipped"].items():
+                self.log(f"data/skipped_{reason}", float(count), reduce_fx="sum", batch_size=n)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        if self.task == STATE:
+            return self._state_step(batch, "val")
+        loss, acc, n, extra = self._step(batch)
+        self.log("val/loss", loss, prog_bar=True, batch_size=n)
+        self.log("val/token_acc", acc, prog_bar=True, batch_size=n)
+        for name, value in extra.items():
+            self.log(f"val/{name}", value, prog_bar=name == "qa_token_acc", batch_size=n)
+        if batch_idx == 0 and not self.trainer.sanity_checking and hasattr(self.logger, "experiment"):
+            self._log_samples(batch)
+
+    def _log_samples(self, batch: dict) -> None:
+        for part, task in self._parts(batch):
+            if task == ALIGN:
+                feats, lens = part["feats"][:4], part["feats_lens"][:4]
+                refs = part["texts"][:4]
+            else:
+                first = (part["turn_index"] == 0).nonzero().flatten()[:4]
+                feats, lens = part["feats"][first], part["feats_lens"][first]
+                refs = [part["questions"][int(part["dialogue_index"][i])][0] for i in first]
+            hyps = self.generate(feats, lens, task)
+            text = "\n\n".join(f"SPOKEN: {r}  \nLLM: {h}" for r, h in zip(refs, hyps))
+            self.logger.experiment.add_text(f"samples/{task}", text, self.global_step)
+
+    def configure_optimizers(self):
+        return make_optimizer(self, self.cfg.optim, self.cfg.trainer.max_steps)
+
+    # --- decoding -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, feats: torch.Tensor, feats_lens: torch.Tensor, task: str, chunk_frames: int | None = None):
+        """Greedy single-turn replies to N utterances (offline encoder at `chunk_frames`)."""
+        speech, lens = self.speech_embeddings(feats, feats_lens, chunk_frames)
+        dialogues = [[Turn(i, None)] for i in range(len(feats))]
+        emb, mask, _ = self.build_sequences(speech, lens, dialogues, task, left_pad=True)
+        ids = greedy_generate(self.llm, emb, mask, self.layout.eos_id, self.cfg.speech_llm.max_answer_tokens)
+        return [self.tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids]
+
+
+@torch.inference_mode()
+def greedy_generate(
+    llm: PreTrainedModel, emb: torch.Tensor, mask: torch.Tensor, eos_id: int, max_new_tokens: int
+) -> list[list[int]]:
+    """Greedy decoding from left-padded input embeddings [B, L, D]; returns ids without eos."""
+    cache = DynamicCache()
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+    table = llm.get_input_embeddings()
+    done = torch.zeros(len(emb), dtype=torch.bool, device=emb.device)
+    result: list[list[int]] = [[] for _ in range(len(emb))]
+    next_pos = pos[:, -1:] + 1
+    for _ in range(max_new_tokens):
+        nxt = out.logits[:, -1].argmax(-1)
+        done |= nxt == eos_id
+        for i in (~done).nonzero().flatten().tolist():
+            result[i].append(int(nxt[i]))
+        if bool(done.all()):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        out = llm(
+            inputs_embeds=table(nxt[:, None]),
+            attention_mask=mask,
+            position_ids=next_pos,
+            past_key_values=out.past_key_values,
+            use_cache=True,
+        )
+        next_pos = next_pos + 1
+    return result
+
+
+# --- streaming input ---------------------------------------------------------------------------
+@dataclass
+class InputState:
+    """Per-conversation state of the streaming input path (one stream)."""
+
+    fbank: StreamingFbank
+    encoder: EncoderState
+    adapter: AdapterState
+    cache: DynamicCache = field(default_factory=DynamicCache)
+    positions: int = 0  # LLM positions filled so far
+    in_turn: bool = False
+    last_hidden: torch.Tensor | None = None  # LLM's last hidden state after the latest prefill
+
+
+class StreamingInput:
+    """Chunk-wise streaming prefill of spoken user turns into the frozen LLM (one model, many states)."""
+
+    def __init__(self, model: SpeechLLM, task: str = PROMPT):
+        self.model, self.task = model.eval(), task
+
+    @torch.inference_mode()
+    def _prefill(self, state: InputState, emb: torch.Tensor) -> torch.Tensor:
+        """Append emb [n, D] to the LLM cache; returns logits [n, V]."""
+        n = emb.shape[0]
+        pos = torch.arange(state.positions, state.positions + n, device=emb.device)[None]
+        out = self.model.llm(
+            inputs_embeds=emb[None],
+            position_ids=pos,
+            past_key_values=state.cache,
+            use_cache=True,
+            output_hidden_states=True,
+        )
+        state.positions += n
+        state.last_hidden = out.hidden_states[-1][0, -1]
+        return out.logits[0]
+
+    def start(self) -> InputState:
+        """A new conversation: the system turn is prefilled."""
+        m = self.model
+        state = InputState(StreamingFbank(), m.encoder.init_state(), m.adapter.init_state())
+        self._prefill(state, m.embed_ids(m.layout.system))
+        return state
+
+    @torch.inference_mode()
+    def _speech(self, state: InputState, wav: np.ndarray, final: bool) -> torch.Tensor:
+        m = self.model
+        feats = state.fbank.finish() if final and len(wav) == 0 else state.fbank.accept(wav)
+        if final and len(wav):
+            feats = np.concatenate([feats, state.fbank.finish()])
+        x = torch.from_numpy(feats)[None].to(m.encoder.cmvn_mean.device)
+        enc, state.encoder = m.encoder.stream(x, state.encoder, final=final)
+        emb, state.adapter = m.adapter.stream(enc, state.adapter)
+        return emb[0]
+
+    def accept_audio(self, state: InputState, wav: np.ndarray) -> int:
+        """Feed 16 kHz mono audio (any length, e.g. 160 ms); returns speech embeddings prefilled."""
+        emb = self._speech(state, wav, final=False)
+        parts = []
+        if not state.in_turn:
+            parts.append(self.model.user_turn_start(self.task))
+            state.in_turn = True
+        if len(emb):
+            parts.append(emb.to(parts[0].dtype if parts else emb.dtype))
+        if parts:
+            self._prefill(state, torch.cat(parts))
+        return len(emb)
+
+    @torch.inference_mode()
+    def close_turn(self, state: InputState) -> torch.Tensor:
+        """Flush the user's speech and prefill the speech-end vector and the assistant header;
+        returns the logits [n, V] (the last row predicts the reply's first token)."""
+        if not state.in_turn:
+            raise RuntimeError("close_turn() without speech in this turn")
+        tail = self._speech(state, np.zeros(0, dtype=np.float32), final=True)
+        close = self.model.user_turn_end()
+        return self._prefill(state, torch.cat([tail.to(close.dtype), close]))
+
+    def reset_turn(self, state: InputState) -> None:
+        """Fresh fbank, encoder and adapter state for the next user turn (the KV cache stays)."""
+        m = self.model
+        state.fbank = StreamingFbank()
+        state.encoder, state.adapter = m.encoder.init_state(), m.adapter.init_state()
+        state.in_turn = False
+
+    @torch.inference_mode()
+    def end_turn(self, state: InputState, max_new_tokens: int | None = None) -> list[int]:
+        """Close the turn and greedily generate the reply ids.
+
+        The reply and the assistant turn's end are left in the cache, ready for the next turn.
+        """
+        m = self.model
+        logits = self.close_turn(state)
+        reply: list[int] = []
+        limit = max_new_tokens or m.cfg.speech_llm.max_answer_tokens
+        while len(reply) < limit:
+            nxt = int(logits[-1].argmax())
+            if nxt == m.layout.eos_id:
+                break
+            reply.append(nxt)
+            logits = self._prefill(state, m.embed_ids([nxt]))
+        self._prefill(state, m.embed_ids(m.layout.answer_end))
+        self.reset_turn(state)
+        return reply
+
+
+# --- cached LLM answers (targets of input_3_prompt) ---------------------------------------------
+def llm_answers_path(cfg: DictConfig, split: str) -> Path:
+    return Path(cfg.speech_llm.answers_dir) / f"{split}.jsonl"
+
+
+def read_llm_answers(cfg: DictConfig, split: str) -> dict[str, list[str]]:
+    path = llm_answers_path(cfg, split)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: generate the frozen LLM's answers once with "
+            f"`python -m tools.make_llm_answers experiment={cfg.experiment}`"
+        )
+    out = {}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        out[rec["id"]] = rec["replies"]
+    return out
+
+
+# --- the adapter's lexical path -----------------------------------------------------------------
+def unit_lexicon(units: CTCUnits, tokenizer: PreTrainedTokenizerBase, table: torch.Tensor) -> torch.Tensor:
+    """[V, D]: per CTC unit, the mean of the LLM input embeddings of its text (row 0, the blank: zeros);
+    for units that are LLM tokens (`ctc.units=llm`), exactly their embeddings.
+
+    A word-initial piece ("▁scarf") reads as the word after a space (" scarf").
+    """
+    lexicon = table.new_zeros(len(units), table.shape[1])
+    if isinstance(units, LLMTokenUnits):  # units are the LLM's tokens: their own embeddings
+        tokens = tokenizer.convert_ids_to_tokens(units.token_ids)
+        wrong = [(i, u, t) for i, u, t in zip(units.token_ids, units.units[1:], tokens) if u != t]
+        if wrong:
+            raise ValueError(
+                f"the stage-1 CTC units are tokens of another tokenizer than this LLM's ({len(wrong)} of "
+                f"{len(tokens)} differ, e.g. id {wrong[0][0]}: {wrong[0][1]!r} vs {wrong[0][2]!r}); "
+                "retrain input_1_ctc with this llm.path"
+            )
+        lexicon[1:] = table[torch.tensor(units.token_ids)]
+        return lexicon
+    for i, unit in enumerate(units.units[1:], start=1):
+        ids = tokenizer(unit.replace("\u2581", " "), add_special_tokens=False)["input_ids"]
+        if ids:
+            lexicon[i] = table[ids].float().mean(0).to(table.dtype)
+    return lexicon
+
+
+# --- stage runners ------------------------------------------------------------------------------
+def build(cfg: DictConfig) -> SpeechLLM:
+    """The module with a frozen LLM; with `adapter.lexical`, its lexical path starts from stage 1.
+
+    The lexical path's CTC layer and units come from the input_1_ctc output (a later stage's
+    saved adapter then replaces them with their trained values).
+    """
+    llm, tokenizer = load_llm(cfg.llm)
+    if not cfg.adapter.lexical:
+        return SpeechLLM(cfg, llm, tokenizer)
+    stage1 = read_stage_output(cfg, "input_1_ctc")
+    module = SpeechLLM(cfg, llm, tokenizer, units_from_json(stage1.get("ctc_units")))
+    head = stage1["state_dict"]
+    lexicon = unit_lexicon(module.ctc_units, tokenizer, llm.get_input_embeddings().weight.detach())
+    module.adapter.init_lexical(head["ctc_head.out.weight"], head["ctc_head.out.bias"], lexicon)
+    return module
+
+
+def run(cfg: DictConfig) -> dict:
+    """Train stage input_2_align or input_3_prompt (by `cfg.stage.name`)."""
+    module = build(cfg)
+    load_stage_outputs(cfg, module)
+    counts = module.apply_freezing(list(cfg.stage.trainable))
+    qa_term = module.task == ALIGN and cfg.speech_llm.align_qa_weight > 0
+    if module.task == ALIGN and cfg.speech_llm.align_asr_weight <= 0 and not qa_term:
+        raise ValueError("stage input_2_align needs speech_llm.align_asr_weight > 0 or align_qa_weight > 0")
+    if module.task == PROMPT or qa_term:
+        from modules.llm.answers import ensure_llm_answers
+
+        ensure_llm_answers(cfg)
+        module.llm_answers = {**read_llm_answers(cfg, "train"), **read_llm_answers(cfg, "dev")}
+    if module.task == PROMPT:
+        data = SpokenQADataModule(encoder_data_config(cfg, "spoken_qa"))
+    elif qa_term:
+        parts = {"qa": SpokenQADataModule(encoder_data_config(cfg, "spoken_qa"))}
+        if cfg.speech_llm.align_asr_weight > 0:
+            parts["asr"] = ASRDataModule(encoder_data_config(cfg, "asr"))
+        data = PairedDataModule(**parts)
+    else:
+        data = ASRDataModule(encoder_data_config(cfg, "asr"))
+    trainer = fit(cfg, module, data)
+    metrics = {"component_params": counts, "train_steps": trainer.global_step}
+    if trainer.global_rank == 0:
+        save_stage_output(cfg, module)
+        if module.task == ALIGN:
+            metrics.update(evaluate_llm_asr(cfg, module, "dev", [cfg.encoder.chunk_frames]))
+        write_metrics(cfg, metrics)
+    return metrics
+
+
+def load_speech_llm(cfg: DictConfig, stages: list[str]) -> SpeechLLM:
+    """A SpeechLLM with the outputs of `stages` loaded, in eval mode."""
+    module = build(cfg)
+    load_stage_outputs(cfg, module, stages)
+    return module.eval()
+
+
+def llm_decoder(module: SpeechLLM) -> Decoder:
+    """Transcripts the frozen LLM emits for the speech (stage-2 decoding)."""
+
+    def decode(batch: dict, chunk_frames: int) -> list[str]:
+        return module.generate(batch["feats"], batch["feats_lens"], ALIGN, chunk_frames=chunk_frames)
+
+    return decode
+
+
+def evaluate_llm_asr(cfg: DictConfig, module: SpeechLLM, split: str, chunks: list[int]) -> dict:
+    """WER of the transcripts the frozen LLM emits (stage-2 decoding) at each chunk size."""
+    return evaluate_wer(cfg, module, "llm", llm_decoder(module), split, chunks, desc=f"LLM ASR {split}")

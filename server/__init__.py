@@ -1,0 +1,1 @@
+"""The streaming engine: sessions, VAD, the duplex state machine, the synthesis FIFO, the chat timeline."""
