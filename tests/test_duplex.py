@@ -13,7 +13,8 @@ import torch
 from datamodules.audio import load_audio
 from modules.config import ConfigError, load_config
 from server.chat import chat_file, input_files, latency_table, read_input
-from server.engine import DuplexModel, Session
+from server.engine import DuplexModel
+from server.session import Session
 from tools.make_chat_input import make_chat_input
 
 
@@ -25,8 +26,8 @@ def _model(args: list[str], *extra: str) -> DuplexModel:
 
 
 def _say(model: DuplexModel, session: Session, text: str):
-    """respond(), with the untrained LLM made to say `text`."""
-    return model.respond(session, force_ids=model.llm.tokenizer(text, add_special_tokens=False)["input_ids"])
+    """generate(), with the untrained LLM made to say `text`."""
+    return model.generate(session, force_ids=model.llm.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 @pytest.fixture
@@ -92,7 +93,7 @@ def test_an_answer_is_spoken_with_its_latency_marks(duplex_args):
     s = model.new_session()
     events = model.feed(s, _speech(0.8))
     assert [e.kind for e in events] == ["turn_start", "answer"]
-    with pytest.raises(RuntimeError, match="respond"):
+    with pytest.raises(RuntimeError, match="generate"):
         model.feed(s, _speech(0.2))
     reply = _say(model, s, "You saw four animals, then two more.")
     assert s.history[-1] == {"role": "assistant", "text": reply.text} and s.mode == "idle"
