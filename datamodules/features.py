@@ -137,18 +137,21 @@ class StreamingFbank:
     def _shift(self) -> int:
         return int(self.sample_rate * FRAME_SHIFT_MS / 1000)
 
-    def state(self) -> dict:
-        """What resumes this stream exactly (`from_state`): the samples from the next frame's
-        start on (each frame depends only on its own window) and the frames emitted so far."""
+    def state_dict(self) -> dict:
+        """What resumes this stream exactly (`from_state_dict`): ``tail [n]`` float32, the samples
+        from the next frame's start on (each frame depends only on its own window), and
+        ``frames``, the frames emitted so far. Tensors and ints only (a session file loads with
+        ``torch.load(weights_only=True)``)."""
         if self._finished:
             raise RuntimeError("a finished StreamingFbank has no state to resume")
-        return {"tail": self._tail.copy(), "frames": self.num_frames_emitted}
+        return {"tail": torch.from_numpy(self._tail.copy()), "frames": self.num_frames_emitted}
 
     @classmethod
-    def from_state(cls, state: dict, **kwargs) -> StreamingFbank:
+    def from_state_dict(cls, state: dict, **kwargs) -> StreamingFbank:
+        """A stream that continues exactly where the one that gave `state` (`state_dict`) stood."""
         stream = cls(**kwargs)
         stream._offset = int(state["frames"])
-        tail = np.asarray(state["tail"], np.float32)
+        tail = np.asarray(torch.as_tensor(state["tail"]).numpy(), np.float32)
         if len(tail):
             stream._extractor.accept_waveform(float(stream.sample_rate), _as_kaldi_samples(tail))
             stream._tail = tail.copy()

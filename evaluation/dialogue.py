@@ -26,14 +26,15 @@ from datamodules.spoken_qa import read_dialogues
 from evaluation.spoken_qa import spoken_test_dialogues
 from evaluation.state import evaluate_state
 from modules.config import eval_dir
-from modules.encoder.ctc import transcribe
+from modules.encoder.ctc import load_encoder_ctc, transcribe
 from modules.llm.generate import evaluate_text_qa
 from modules.speech_llm.model import CHUNK_SAMPLES
 from server.chat import OUTPUT_RATE, latency_table, with_listening_tail
 from server.engine import DuplexModel
 
 
-def dialogue_records(cfg: DictConfig, model: DuplexModel, limit: int = 0) -> list[dict]:
+def dialogue_records(cfg: DictConfig, model: DuplexModel, judge, limit: int = 0) -> list[dict]:
+    """One record per test turn; `judge` (the stage-1 CTC model) hears the replies' audio."""
     chunk = int(cfg.encoder.chunk_frames)
     records = []
     for sample in spoken_test_dialogues(cfg, limit, "spoken dialogues (speech in, speech out)"):
@@ -44,13 +45,13 @@ def dialogue_records(cfg: DictConfig, model: DuplexModel, limit: int = 0) -> lis
             for i in range(0, len(wav), CHUNK_SAMPLES):
                 events += [e.kind for e in model.feed(session, wav[i : i + CHUNK_SAMPLES])]
                 if session.mode == "answer":
-                    reply = model.respond(session)
+                    reply = model.generate(session)
                     break
             if reply is None and session.mode == "listen":
-                model._drop(session)  # never decided within the silence after the question
+                model.drop_turn(session)  # never decided within the silence after the question
             heard = ""
             if reply is not None and len(reply.audio):
-                heard = transcribe(model.judge, [reply.audio], OUTPUT_RATE, chunk)[0]
+                heard = transcribe(judge, [reply.audio], OUTPUT_RATE, chunk)[0]
             text = reply.text if reply is not None else ""
             records.append({
                 "id": sample["key"], "turn": k, "question": turn["question"], "family": turn["family"],
@@ -65,7 +66,7 @@ def dialogue_records(cfg: DictConfig, model: DuplexModel, limit: int = 0) -> lis
 def evaluate_dialogue(cfg: DictConfig) -> dict:
     model = DuplexModel.load(cfg)
     limit = int(cfg.eval.limit)
-    records = dialogue_records(cfg, model, limit)
+    records = dialogue_records(cfg, model, load_encoder_ctc(cfg), limit)
     dialogues = read_dialogues(cfg.data.spoken_qa.test_shards)[: limit or None]
     llm = model.llm
     text = evaluate_text_qa(

@@ -3,8 +3,11 @@
 * `text_accuracy`: the frozen LLM answers the *text* of the test questions (multi-round, its
   own earlier replies in the context).
 * `speech_accuracy`: the same dialogues spoken by unseen voices, fed 160 ms at a time through
-  the streaming input path (fbank -> encoder -> adapter -> chunk-wise LLM prefill, stages
-  input_2_align + input_3_prompt); the KV cache carries the conversation across turns.
+  the streaming engine (`server.engine.DuplexModel.prefill`: fbank -> encoder -> adapter ->
+  chunk-wise LLM prefill, stages input_2_align + input_3_prompt) and answered by its
+  `generate` (text only); the KV cache carries the conversation across turns.
+
+Both rows use the one frozen LLM the engine loaded.
 
 One checker (`datamodules.corpus.answers.check_answer`) grades both. Writes
 runs/<exp>/eval/spoken_qa.json, spoken_qa.md and the replies (spoken_qa_replies.jsonl).
@@ -27,8 +30,8 @@ from datamodules.shards.reader import append_silence, iter_decoded
 from datamodules.spoken_qa import read_dialogues
 from modules.config import eval_dir
 from modules.llm.generate import evaluate_text_qa
-from modules.llm.hf import load_llm
-from modules.speech_llm.model import CHUNK_SAMPLES, PROMPT, StreamingInput, load_speech_llm
+from modules.speech_llm.model import ALIGN, CHUNK_SAMPLES, PROMPT
+from server.engine import DuplexModel
 
 log = logging.getLogger(__name__)
 
@@ -50,19 +53,27 @@ def with_tail_silence(cfg: DictConfig, wav: np.ndarray) -> np.ndarray:
     return append_silence(unit, seconds=cfg.data.spoken_qa.tail_silence_s)["wav"]
 
 
-def speech_qa(cfg: DictConfig, limit: int = 0) -> list[dict]:
-    """Answer every spoken test dialogue through the streaming input path; one record per turn."""
-    model = load_speech_llm(cfg, ["input_2_align", "input_3_prompt"])
-    stream = StreamingInput(model, PROMPT)
+def spoken_qa_engine(cfg: DictConfig) -> DuplexModel:
+    """The text-only streaming engine of Table 3: stages input_2_align + input_3_prompt, no speech output."""
+    return DuplexModel.load(cfg, speech_output=False, stages=(ALIGN, PROMPT))
+
+
+def answer_turn(cfg: DictConfig, engine: DuplexModel, session, wav: np.ndarray) -> str:
+    """One spoken question (16 kHz) and its tail silence prefilled 160 ms at a time, then the reply's text."""
+    audio = with_tail_silence(cfg, wav)
+    for i in range(0, len(audio), CHUNK_SAMPLES):
+        engine.prefill(session, audio[i : i + CHUNK_SAMPLES])
+    return engine.generate(session).text
+
+
+def speech_qa(cfg: DictConfig, engine: DuplexModel, limit: int = 0) -> list[dict]:
+    """Answer every spoken test dialogue through the streaming engine; one record per turn."""
     records = []
     for sample in spoken_test_dialogues(cfg, limit, "spoken QA (streaming)"):
-        state = stream.start()
+        session = engine.new_session()
         for k, turn in enumerate(sample["turns"]):
             wav = np.asarray(turn["wav"], dtype=np.float32)
-            audio = with_tail_silence(cfg, wav)
-            for i in range(0, len(audio), CHUNK_SAMPLES):
-                stream.accept_audio(state, audio[i : i + CHUNK_SAMPLES])
-            reply = model.tokenizer.decode(stream.end_turn(state), skip_special_tokens=True).strip()
+            reply = answer_turn(cfg, engine, session, wav)
             records.append({
                 "id": sample["key"], "turn": k, "question": turn["question"], "family": turn["family"],
                 "reply": reply, "gold": list(turn["gold"]), "correct": check_answer(reply, turn["gold"]),
@@ -82,10 +93,10 @@ def evaluate_spoken_qa(cfg: DictConfig) -> dict:
     dialogues = read_dialogues(cfg.data.spoken_qa.test_shards)
     if cfg.eval.limit:
         dialogues = dialogues[: cfg.eval.limit]
-    llm, tokenizer = load_llm(cfg.llm)
+    engine = spoken_qa_engine(cfg)
+    llm, tokenizer = engine.llm.llm, engine.llm.tokenizer  # the engine's frozen LLM: loaded once
     text = evaluate_text_qa(llm, tokenizer, dialogues, cfg.eval.batch_size, cfg.speech_llm.max_answer_tokens)
-    del llm
-    records = speech_qa(cfg, cfg.eval.limit)
+    records = speech_qa(cfg, engine, cfg.eval.limit)
     speech_acc = sum(r["correct"] for r in records) / max(1, len(records))
     text_acc = text["accuracy"]
     text_family = text["per_family"]

@@ -44,6 +44,13 @@ class AdapterState:
     def clone(self) -> AdapterState:
         return AdapterState(self.buffer.clone())
 
+    def state_dict(self) -> dict:
+        return {"buffer": self.buffer}
+
+    @classmethod
+    def from_state_dict(cls, d: dict) -> AdapterState:
+        return cls(d["buffer"])
+
 
 def adapter_length(num_frames: torch.Tensor | int, stride: int = 2) -> torch.Tensor | int:
     """Outputs for `num_frames` inputs of the causal strided conv: ceil(T / stride)."""

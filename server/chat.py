@@ -1,7 +1,8 @@
 """`python infer.py chat input_wav=... output_wav=...`: spoken dialogue from wav files.
 
 Each file is streamed in 160 ms chunks as a live microphone would deliver them (plus 1.5 s of
-silence after its end, as a microphone goes on listening) through one `DuplexModel` session:
+silence after its end, as a microphone goes on listening) through one `DuplexModel` session
+(the engine's `feed` / `generate`):
 silero-vad opens user turns, the state head ends them (or drops them), and every answered turn
 is spoken. The assistant's audio is laid on the input's timeline: an answer starts playing at
 its state-1 decision (end of the chunk that fired, in input time) plus the measured time to its
@@ -88,7 +89,7 @@ def chat_file(model: DuplexModel, wav: np.ndarray) -> dict:
             events.append({"event": ev.kind, "t_s": t, "probs": ev.probs})
             if ev.kind != "answer":
                 continue
-            reply = model.respond(session)
+            reply = model.generate(session)
             start = t + reply.latency_ms.get("total", 0.0) / 1000
             barge_in = playing_until > t
             if barge_in:  # the new answer cuts the old one off at its decision
@@ -114,7 +115,7 @@ def chat(cfg: DictConfig, input_wav: str, output_wav: str) -> dict:
         out.mkdir(parents=True, exist_ok=True)
     elif out.parent:
         out.parent.mkdir(parents=True, exist_ok=True)
-    model = DuplexModel.load(cfg)
+    model = DuplexModel.load(cfg, transcribe_user=True)  # the transcript prints what the user said
     results, answers, lines = {}, [], []
     for f, wav in inputs.items():
         r = chat_file(model, wav)

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import numpy as np
+import torch
 
 SENTENCE_ENDS = tuple(".?!:\n。？！：")
 COMMAS = tuple(",，")
@@ -52,6 +53,12 @@ class TextSegmenter:
         """The rest of the answer (at EOS), if any."""
         return self._cut() if self.text.strip() else None
 
+    def state_dict(self) -> dict:
+        return {"text": self.text, "tokens": self.tokens, "segments_done": self.segments_done}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.text, self.tokens, self.segments_done = str(d["text"]), int(d["tokens"]), int(d["segments_done"])
+
     def _cut(self) -> str:
         segment, self.text, self.tokens = self.text.strip(), "", 0
         self.segments_done += 1
@@ -80,6 +87,16 @@ class TokenFIFO:
         self.tokens: list[int] = []
         self.emitted = 0  # tokens whose audio has been emitted (up to the cross-fade tail)
         self.tail: np.ndarray | None = None  # the last `crossfade` samples, held for the next join
+
+    def state_dict(self) -> dict:
+        """The tokens held, how many are emitted and the cross-fade tail [crossfade] (or None);
+        the window settings and `decode` belong to the constructor."""
+        tail = None if self.tail is None else torch.from_numpy(self.tail.copy())
+        return {"tokens": list(self.tokens), "emitted": self.emitted, "tail": tail}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.tokens, self.emitted = [int(t) for t in d["tokens"]], int(d["emitted"])
+        self.tail = None if d["tail"] is None else np.asarray(torch.as_tensor(d["tail"]).numpy(), np.float32)
 
     def _window(self, start: int, stop: int, keep_from: int, keep_to: int) -> np.ndarray:
         """Decode tokens[start:stop]; return the samples of tokens[keep_from:keep_to] plus the

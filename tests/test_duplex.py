@@ -13,7 +13,8 @@ import torch
 from datamodules.audio import load_audio
 from modules.config import ConfigError, load_config
 from server.chat import chat_file, input_files, latency_table, read_input
-from server.engine import DuplexModel, Session
+from server.engine import DuplexModel
+from server.session import Session
 from tools.make_chat_input import make_chat_input
 
 
@@ -25,8 +26,8 @@ def _model(args: list[str], *extra: str) -> DuplexModel:
 
 
 def _say(model: DuplexModel, session: Session, text: str):
-    """respond(), with the untrained LLM made to say `text`."""
-    return model.respond(session, force_ids=model.llm.tokenizer(text, add_special_tokens=False)["input_ids"])
+    """generate(), with the untrained LLM made to say `text`."""
+    return model.generate(session, force_ids=model.llm.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 @pytest.fixture
@@ -92,7 +93,7 @@ def test_an_answer_is_spoken_with_its_latency_marks(duplex_args):
     s = model.new_session()
     events = model.feed(s, _speech(0.8))
     assert [e.kind for e in events] == ["turn_start", "answer"]
-    with pytest.raises(RuntimeError, match="respond"):
+    with pytest.raises(RuntimeError, match="generate"):
         model.feed(s, _speech(0.2))
     reply = _say(model, s, "You saw four animals, then two more.")
     assert s.history[-1] == {"role": "assistant", "text": reply.text} and s.mode == "idle"
@@ -220,3 +221,136 @@ def test_bench_paper_llm_has_qwen2_7b_shape():
     llm = paper_llm("meta")
     assert sum(p.numel() for p in llm.parameters()) == 7_615_616_512  # Qwen2-7B-Instruct
     assert next(llm.parameters()).dtype == torch.bfloat16
+
+
+# --- the engine's states, API and what it builds -----------------------------------------------------
+def _same(a, b, where: str = "") -> None:
+    """Recursive equality of two state dicts (tensors exactly)."""
+    assert type(a) is type(b), where
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+def test_a_session_round_trip_covers_every_state(duplex_args, tmp_path):
+    """Mid-turn after an answered turn: fbank tail, encoder and adapter caches, KV cache, VAD,
+    pending audio, turn audio and history all survive a file, and both copies go on alike."""
+    import dataclasses
+
+    from server.session import Session as SessionClass
+
+    model = _model(duplex_args, "speech_llm.state_answer_threshold=2", "speech_llm.state_drop_threshold=2")
+    audio = _speech(3.0, seed=3)
+    a = model.new_session()
+    model.feed(a, audio[:8000])
+    a.mode = "answer"
+    _say(model, a, "Yes.")
+    model.feed(a, audio[8000:21000])  # a second turn, open, with samples pending
+    d = a.state_dict()
+    assert {f.name for f in dataclasses.fields(SessionClass)} <= set(d)
+    assert set(d["input"]) == {"fbank", "encoder", "adapter", "cache", "positions", "in_turn", "last_hidden"}
+    assert len(d["input"]["fbank"]["tail"]) and d["input"]["encoder"]["cache"] is not None and d["input"]["cache"]
+    assert len(d["pending"]) and d["turn_audio"] and d["history"] and d["vad"]["state"].abs().sum() > 0
+    a.save(tmp_path / "s.pt")
+    b = Session.load(tmp_path / "s.pt")
+    _same(a.state_dict(), b.state_dict())
+    for s in (a, b):
+        model.feed(s, audio[21000:])
+    _same(a.state_dict(), b.state_dict())
+
+
+def test_synthesis_states_round_trip():
+    from server.fifo import TextSegmenter, TokenFIFO
+
+    def decode(tokens):
+        return np.sin(np.arange(600 * len(tokens), dtype=np.float32) * (1 + sum(tokens) % 7))
+
+    a, b = TokenFIFO(decode, first_chunk=5, chunk=10, context=2), TokenFIFO(decode, first_chunk=5, chunk=10, context=2)
+    out_a = [pcm for t in range(18) for pcm in a.push(t)]
+    b.load_state_dict(a.state_dict())
+    assert out_a and b.tail is not None and b.state_dict()["tokens"] == a.state_dict()["tokens"]
+    rest_a = [pcm for t in range(18, 40) for pcm in a.push(t)] + [a.flush()]
+    rest_b = [pcm for t in range(18, 40) for pcm in b.push(t)] + [b.flush()]
+    assert all(np.array_equal(x, y) for x, y in zip(rest_a, rest_b, strict=True))
+    seg, other = TextSegmenter(), TextSegmenter()
+    for piece in ["It", " is", " six", ","]:
+        seg.feed(piece)
+    other.load_state_dict(seg.state_dict())
+    assert [seg.feed(" yes"), seg.feed("."), seg.flush()] == [other.feed(" yes"), other.feed("."), other.flush()]
+
+
+def test_the_engine_loads_the_llm_once_and_builds_no_ctc_or_discriminators(duplex_args, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from modules.codec.stage import Codec
+    from modules.speech_llm.model import build
+
+    loads = []
+    load = AutoModelForCausalLM.from_pretrained
+
+    def counted(*args, **kwargs):
+        loads.append(args)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", counted)
+    model = _model(duplex_args)
+    assert len(loads) == 1 and model.decoder.llm is model.llm.llm
+    names = [n for part in (model.llm, model.decoder, model.codec) for n, _ in part.named_modules()]
+    assert model.judge is None and not [n for n in names if "discriminator" in n or "ctc" in n.split(".")[-1]]
+    assert model.codec.discriminators is None and "discriminators" not in model.codec.components()
+
+    # The trained chain's loader: the CTC model only with transcribe_user (stage outputs stubbed here).
+    import modules.codec.stage
+    import modules.encoder.ctc
+    import modules.speech_llm.model
+    import server.engine
+
+    cfg = model.cfg
+    ctc_built = []
+    monkeypatch.setattr(modules.speech_llm.model, "load_speech_llm", lambda cfg, stages: build(cfg).eval())
+    monkeypatch.setattr(server.engine, "_trained_decoder", lambda cfg, m: model.decoder)
+    monkeypatch.setattr(modules.codec.stage, "load_codec", lambda cfg: Codec(cfg, discriminators=False))
+    monkeypatch.setattr(modules.codec.stage, "voice_tokens", lambda cfg: model.voice)
+    monkeypatch.setattr(modules.encoder.ctc, "load_encoder_ctc", lambda cfg: ctc_built.append(1) or "ctc")
+    loads.clear()
+    assert DuplexModel.load(cfg).judge is None and not ctc_built and len(loads) == 1
+    assert DuplexModel.load(cfg, transcribe_user=True).judge == "ctc" and ctc_built == [1]
+
+
+def test_spoken_qa_chat_and_the_streaming_step_give_the_same_reply(duplex_args):
+    """One spoken question answered through the spoken-QA evaluation path (`answer_turn`), the
+    duplex path (`feed` then `generate`, as chat and eval_dialogue) and the component's own
+    streaming step: the same reply."""
+    from evaluation.spoken_qa import answer_turn, with_tail_silence
+    from modules.speech_llm.streaming import StreamingInput
+
+    model = _model(duplex_args, "speech_llm.state_answer_threshold=2", "speech_llm.state_drop_threshold=2",
+                   "speech_llm.max_answer_tokens=6")  # fmt: skip
+    cfg = model.cfg
+    wav = _speech(1.3, seed=5)
+    extra = len(with_tail_silence(cfg, wav)) % 2560
+    wav = wav[: len(wav) - extra]  # whole chunks: `feed` leaves no samples pending
+    audio = with_tail_silence(cfg, wav)
+    assert len(audio) % 2560 == 0
+
+    spoken_qa = answer_turn(cfg, model, model.new_session(), wav)
+    s = model.new_session()
+    assert model.feed(s, audio)[0].kind == "turn_start" and s.mode == "listen"
+    s.mode = "answer"
+    duplex = model.generate(s)
+    stream = StreamingInput(model.llm)
+    state = stream.start()
+    for i in range(0, len(audio), 2560):
+        stream.accept_audio(state, audio[i : i + 2560])
+    step = model.llm.tokenizer.decode(stream.end_turn(state), skip_special_tokens=True).strip()
+    assert spoken_qa == duplex.text == step
+    assert s.input.positions == state.positions

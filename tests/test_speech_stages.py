@@ -21,7 +21,8 @@ from evaluation.state import decision_times, evaluate_state
 from modules.config import load_config, run_dir
 from modules.encoder.ctc import EncoderCTC, encoder_data_config, make_units
 from modules.llm.answers import ensure_llm_answers
-from modules.speech_llm.model import ChatLayout, StreamingInput, Turn, build, read_llm_answers
+from modules.speech_llm.model import ChatLayout, Turn, build, read_llm_answers
+from modules.speech_llm.streaming import StreamingInput
 from modules.stage import load_stage_outputs, make_optimizer, read_checkpoint
 from modules.state_classifier import chunk_states, decide, record_turns
 

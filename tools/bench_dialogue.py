@@ -7,7 +7,7 @@
    after 2,000 tokens of context, and their ratio (the cost of a step grows with the cache it
    attends to; the paper's dialogues stay short).
 2. First PCM against context length: a 2 s spoken question after a dialogue history of N
-   tokens, answered with a fixed reply, through the duplex pipeline (`DuplexModel.respond`:
+   tokens, answered with a fixed reply, through the duplex pipeline (`DuplexModel.generate`:
    text producer and speech consumer running concurrently); the paper's Table 4 rows per N.
 3. The Table 4 breakdown (avg / p50 / p90 over every answer of part 2).
 
@@ -72,7 +72,7 @@ def random_chain(overrides: list[str]) -> tuple[DuplexModel, str]:
 def load_chain(overrides: list[str]) -> tuple[DuplexModel, str]:
     cfg = load_config(overrides, stage="input_4_state")
     try:
-        return DuplexModel.load(cfg, with_judge=False), f"trained chain of runs/{cfg.experiment}"
+        return DuplexModel.load(cfg), f"trained chain of runs/{cfg.experiment}"
     except FileNotFoundError as exn:
         print(f"no trained chain ({exn}); random weights instead")
         return random_chain(overrides)
@@ -106,16 +106,16 @@ def step_latency(llm, contexts: list[int], steps: int, repeats: int, device="cpu
 def answer_after_context(model: DuplexModel, context: int, question: np.ndarray, reply: list[int]) -> dict:
     """Table 4 marks (ms) of one answer to `question` after a history of `context` tokens."""
     s = model.new_session()
-    m, tok = model.llm, model.llm.tokenizer
+    tok = model.llm.tokenizer
     history = tok(" ".join([REPLY] * 200), add_special_tokens=False)["input_ids"]
     need = max(0, context - s.input.positions)
     while len(history) < need:
         history += history
     for i in range(0, need, 256):
-        model.stream._prefill(s.input, m.embed_ids(history[i : min(i + 256, need)]))
+        model.extend_context(s, history[i : min(i + 256, need)])
     model.feed(s, question)
     s.mode = "answer"  # decided here: the benchmark times what follows the state-1 decision
-    r = model.respond(s, force_ids=reply)
+    r = model.generate(s, force_ids=reply)
     return {"context": context, "latency_ms": r.latency_ms, "reply_tokens": r.tokens}
 
 

@@ -70,7 +70,7 @@ def si_snr(estimate: torch.Tensor, reference: torch.Tensor, eps: float = 1e-8) -
 class Codec(StageModule):
     """The codec component: `encode` (audio -> tokens), `decode` (tokens -> audio), GAN training."""
 
-    def __init__(self, cfg: DictConfig):
+    def __init__(self, cfg: DictConfig, discriminators: bool = True):
         super().__init__(cfg)
         self.automatic_optimization = False
         c = self.codec_cfg = codec_config(cfg)
@@ -81,8 +81,10 @@ class Codec(StageModule):
             c.global_dim, c.global_groups, c.global_codebook_size, c.ema_decay, c.dead_code_threshold
         )
         self.generator = Generator(c)
-        self.discriminators = Discriminators(
-            tuple(c.disc_periods), c.disc_scales, c.disc_scale_width, tuple(c.disc_period_widths)
+        self.discriminators = (  # training only: inference builds none
+            Discriminators(tuple(c.disc_periods), c.disc_scales, c.disc_scale_width, tuple(c.disc_period_widths))
+            if discriminators
+            else None
         )
         self.mel = LogMel(c.sample_rate)
 
@@ -92,7 +94,7 @@ class Codec(StageModule):
             "quantizer": self.quantizer,
             "global_quantizer": self.global_quantizer,
             "generator": self.generator,
-            "discriminators": self.discriminators,
+            **({"discriminators": self.discriminators} if self.discriminators is not None else {}),
         }
 
     # --- the codec ------------------------------------------------------------------------------

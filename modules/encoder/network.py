@@ -83,6 +83,15 @@ class EncoderState:
 
         return EncoderState(self.pending.clone(), copy(self.cache), self.frames_out, copy(self.conv_cache))
 
+    def state_dict(self) -> dict:
+        """Tensors (or None) and ints only: a session file loads with `torch.load(weights_only=True)`."""
+        return {"pending": self.pending, "cache": self.cache, "frames_out": self.frames_out,
+                "conv_cache": self.conv_cache}  # fmt: skip
+
+    @classmethod
+    def from_state_dict(cls, d: dict) -> EncoderState:
+        return cls(d["pending"], d["cache"], int(d["frames_out"]), d["conv_cache"])
+
 
 class CausalConvModule(nn.Module):
     """Conformer convolution module made causal: pointwise -> GLU -> depthwise conv over the

@@ -1,4 +1,4 @@
-"""Speech into the frozen LLM: stages `input_2_align` and `input_3_prompt`, and the streaming input path.
+"""Speech into the frozen LLM: stages `input_2_align` and `input_3_prompt`.
 
 Glossary: B examples, N utterances, S speech embeddings (12.5 Hz), L sequence positions,
 D the LLM width. Components: `encoder` (from input_1_ctc), `adapter`, `specials` (speech
@@ -15,33 +15,30 @@ each user turn in place of its text:
   LLM answers the spoken question with the answer it gives to the text of the same question
   (targets cached by `tools.make_llm_answers`, see `llm_answers`).
 
-`StreamingInput` feeds 16 kHz audio chunk by chunk through fbank -> encoder -> adapter and
-prefills the LLM's KV cache as the audio arrives (the paper's chunk-wise prefill); at the end
-of a turn only the end vector and the assistant header remain to prefill.
+The streaming input path (chunk-wise prefill of spoken turns) and the greedy decoding loop live
+in `modules.speech_llm.streaming`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from datamodules.asr import ASRDataModule
 from datamodules.corpus.turns import IGNORE
-from datamodules.features import StreamingFbank
 from datamodules.spoken_qa import PairedDataModule, SpokenQADataModule
 from datamodules.text_qa import IGNORE_INDEX, SYSTEM_PROMPT
 from datamodules.transcripts import LLMTokenUnits
-from modules.adapter import AdapterState, SpeechAdapter
+from modules.adapter import SpeechAdapter
 from modules.encoder.ctc import CTCUnits, Decoder, ctc_loss, encoder_data_config, evaluate_wer, units_from_json
-from modules.encoder.network import EncoderState, SpeechEncoder
+from modules.encoder.network import SpeechEncoder
 from modules.llm.hf import load_llm, next_token_loss
 from modules.speech_llm.embeddings import PromptEmbedding, SpeechSpecials
 from modules.stage import (
@@ -343,144 +340,10 @@ class SpeechLLM(StageModule):
         speech, lens = self.speech_embeddings(feats, feats_lens, chunk_frames)
         dialogues = [[Turn(i, None)] for i in range(len(feats))]
         emb, mask, _ = self.build_sequences(speech, lens, dialogues, task, left_pad=True)
+        from modules.speech_llm.streaming import greedy_generate  # the one greedy loop (imports this module)
+
         ids = greedy_generate(self.llm, emb, mask, self.layout.eos_id, self.cfg.speech_llm.max_answer_tokens)
         return [self.tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids]
-
-
-@torch.inference_mode()
-def greedy_generate(
-    llm: PreTrainedModel, emb: torch.Tensor, mask: torch.Tensor, eos_id: int, max_new_tokens: int
-) -> list[list[int]]:
-    """Greedy decoding from left-padded input embeddings [B, L, D]; returns ids without eos."""
-    cache = DynamicCache()
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
-    table = llm.get_input_embeddings()
-    done = torch.zeros(len(emb), dtype=torch.bool, device=emb.device)
-    result: list[list[int]] = [[] for _ in range(len(emb))]
-    next_pos = pos[:, -1:] + 1
-    for _ in range(max_new_tokens):
-        nxt = out.logits[:, -1].argmax(-1)
-        done |= nxt == eos_id
-        for i in (~done).nonzero().flatten().tolist():
-            result[i].append(int(nxt[i]))
-        if bool(done.all()):
-            break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        out = llm(
-            inputs_embeds=table(nxt[:, None]),
-            attention_mask=mask,
-            position_ids=next_pos,
-            past_key_values=out.past_key_values,
-            use_cache=True,
-        )
-        next_pos = next_pos + 1
-    return result
-
-
-# --- streaming input ---------------------------------------------------------------------------
-@dataclass
-class InputState:
-    """Per-conversation state of the streaming input path (one stream)."""
-
-    fbank: StreamingFbank
-    encoder: EncoderState
-    adapter: AdapterState
-    cache: DynamicCache = field(default_factory=DynamicCache)
-    positions: int = 0  # LLM positions filled so far
-    in_turn: bool = False
-    last_hidden: torch.Tensor | None = None  # LLM's last hidden state after the latest prefill
-
-
-class StreamingInput:
-    """Chunk-wise streaming prefill of spoken user turns into the frozen LLM (one model, many states)."""
-
-    def __init__(self, model: SpeechLLM, task: str = PROMPT):
-        self.model, self.task = model.eval(), task
-
-    @torch.inference_mode()
-    def _prefill(self, state: InputState, emb: torch.Tensor) -> torch.Tensor:
-        """Append emb [n, D] to the LLM cache; returns logits [n, V]."""
-        n = emb.shape[0]
-        pos = torch.arange(state.positions, state.positions + n, device=emb.device)[None]
-        out = self.model.llm(
-            inputs_embeds=emb[None],
-            position_ids=pos,
-            past_key_values=state.cache,
-            use_cache=True,
-            output_hidden_states=True,
-        )
-        state.positions += n
-        state.last_hidden = out.hidden_states[-1][0, -1]
-        return out.logits[0]
-
-    def start(self) -> InputState:
-        """A new conversation: the system turn is prefilled."""
-        m = self.model
-        state = InputState(StreamingFbank(), m.encoder.init_state(), m.adapter.init_state())
-        self._prefill(state, m.embed_ids(m.layout.system))
-        return state
-
-    @torch.inference_mode()
-    def _speech(self, state: InputState, wav: np.ndarray, final: bool) -> torch.Tensor:
-        m = self.model
-        feats = state.fbank.finish() if final and len(wav) == 0 else state.fbank.accept(wav)
-        if final and len(wav):
-            feats = np.concatenate([feats, state.fbank.finish()])
-        x = torch.from_numpy(feats)[None].to(m.encoder.cmvn_mean.device)
-        enc, state.encoder = m.encoder.stream(x, state.encoder, final=final)
-        emb, state.adapter = m.adapter.stream(enc, state.adapter)
-        return emb[0]
-
-    def accept_audio(self, state: InputState, wav: np.ndarray) -> int:
-        """Feed 16 kHz mono audio (any length, e.g. 160 ms); returns speech embeddings prefilled."""
-        emb = self._speech(state, wav, final=False)
-        parts = []
-        if not state.in_turn:
-            parts.append(self.model.user_turn_start(self.task))
-            state.in_turn = True
-        if len(emb):
-            parts.append(emb.to(parts[0].dtype if parts else emb.dtype))
-        if parts:
-            self._prefill(state, torch.cat(parts))
-        return len(emb)
-
-    @torch.inference_mode()
-    def close_turn(self, state: InputState) -> torch.Tensor:
-        """Flush the user's speech and prefill the speech-end vector and the assistant header;
-        returns the logits [n, V] (the last row predicts the reply's first token)."""
-        if not state.in_turn:
-            raise RuntimeError("close_turn() without speech in this turn")
-        tail = self._speech(state, np.zeros(0, dtype=np.float32), final=True)
-        close = self.model.user_turn_end()
-        return self._prefill(state, torch.cat([tail.to(close.dtype), close]))
-
-    def reset_turn(self, state: InputState) -> None:
-        """Fresh fbank, encoder and adapter state for the next user turn (the KV cache stays)."""
-        m = self.model
-        state.fbank = StreamingFbank()
-        state.encoder, state.adapter = m.encoder.init_state(), m.adapter.init_state()
-        state.in_turn = False
-
-    @torch.inference_mode()
-    def end_turn(self, state: InputState, max_new_tokens: int | None = None) -> list[int]:
-        """Close the turn and greedily generate the reply ids.
-
-        The reply and the assistant turn's end are left in the cache, ready for the next turn.
-        """
-        m = self.model
-        logits = self.close_turn(state)
-        reply: list[int] = []
-        limit = max_new_tokens or m.cfg.speech_llm.max_answer_tokens
-        while len(reply) < limit:
-            nxt = int(logits[-1].argmax())
-            if nxt == m.layout.eos_id:
-                break
-            reply.append(nxt)
-            logits = self._prefill(state, m.embed_ids([nxt]))
-        self._prefill(state, m.embed_ids(m.layout.answer_end))
-        self.reset_turn(state)
-        return reply
 
 
 # --- cached LLM answers (targets of input_3_prompt) ---------------------------------------------
