@@ -6,7 +6,7 @@ EXP     ?= tiny
 CORPUS  ?= data/tiny
 PYTEST_ARGS ?=
 
-.PHONY: help setup corpus demo demo-all demo-input demo-llm demo-ctc-main demo-ctc-dynamic demo-align-main demo-align-dynamic demo-align-more demo-prompt demo-eval-asr demo-eval-qa demo-eval demo-output demo-codec demo-tokens demo-answers demo-decoder-main demo-decoder-nopre demo-prefix-main demo-prefix-nopre demo-eval-codec demo-eval-output demo-state demo-eval-state demo-chat test bench bench-data bench-llm bench-input bench-output bench-dialogue lint format clean
+.PHONY: help setup corpus demo demo-all demo-input demo-llm demo-ctc-main demo-ctc-dynamic demo-align-main demo-align-dynamic demo-align-more demo-prompt demo-eval-asr demo-eval-qa demo-eval demo-output demo-codec demo-tokens demo-answers demo-decoder-main demo-decoder-nopre demo-prefix-main demo-prefix-nopre demo-eval-codec demo-eval-output demo-state demo-eval-state demo-chat report test bench bench-data bench-llm bench-input bench-output bench-dialogue lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -110,6 +110,11 @@ demo-all: demo-eval demo-eval-output demo-eval-state demo-chat
 	@echo "== demo summary (runs/$(EXP)/eval, runs/$(EXP)/chat)"
 	@cat runs/$(EXP)/eval/asr.md runs/$(EXP)/eval/spoken_qa.md runs/$(EXP)/eval/codec.md \
 	  runs/$(EXP)/eval/speech_output.md runs/$(EXP)/eval/state.md runs/$(EXP)/chat/answer.md
+	@$(PY) infer.py report experiment=$(EXP) > /dev/null
+	@cat runs/$(EXP)/report.md
+
+report: setup ## the headline numbers of one experiment's evaluations -> runs/$(EXP)/report.{json,md} (EXP=demo|tiny)
+	$(PY) infer.py report experiment=$(EXP)
 
 demo-output: setup ## the tiny recipe of the speech-output stages (needs the corpus): codec report and Table 2
 	$(MAKE) -j2 demo-eval-output

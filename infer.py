@@ -32,6 +32,10 @@ python infer.py eval_codec experiment=tiny [eval.limit=N]
 python infer.py eval_speech_output experiment=tiny [eval.speech_output_turns=N] [eval.top_ks=[...]]
     Table 2: WER of the CTC judge on the decoder's speech of the LLM's test replies, with and
     without prefix and pre-network, over top-k. Writes runs/<exp>/eval/speech_output.{json,md}.
+python infer.py report experiment=tiny [--readme]
+    The headline numbers of every evaluation run so far (null for the rest) ->
+    runs/<exp>/report.{json,md}; --readme also rewrites README.md's results block from the
+    report.md of demo and tiny (evaluation/report.py).
 """
 
 from __future__ import annotations
@@ -119,6 +123,12 @@ def eval_speech_output(argv: list[str]) -> dict:
     return evaluate_speech_output(_threads(load_config(argv, stage="output_3_prefix")))
 
 
+def report(argv: list[str]) -> dict:
+    from evaluation.report import main as write_report
+
+    return write_report(argv)
+
+
 COMMANDS = {
     "eval_text_qa": eval_text_qa,
     "eval_asr": eval_asr,
@@ -130,6 +140,7 @@ COMMANDS = {
     "eval_dialogue": eval_dialogue,
     "eval_codec": eval_codec,
     "eval_speech_output": eval_speech_output,
+    "report": report,
 }
 
 
