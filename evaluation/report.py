@@ -275,17 +275,20 @@ def rewrite_readme(readme: Path | str, run_root: Path | str, experiments=README_
 
 def main(argv: list[str]) -> dict:
     """`experiment=<exp> [run_root=runs] [--readme]`."""
-    from modules.config import load_config
+    from modules.config import ConfigError, load_config
 
     readme = "--readme" in argv
     cfg = load_config([a for a in argv if a != "--readme"], stage="llm_text")
-    report = write_report(cfg.run_root, cfg.experiment)
     exp_dir = Path(cfg.run_root) / cfg.experiment
-    print((exp_dir / "report.md").read_text())
-    print(f"written to {exp_dir / 'report.json'} and {exp_dir / 'report.md'}")
-    if readme:
-        rewrite_readme(ROOT / "README.md", cfg.run_root)
-        print(f"rewrote the results block of {ROOT / 'README.md'}")
+    try:
+        report = write_report(cfg.run_root, cfg.experiment)
+        print((exp_dir / "report.md").read_text())
+        print(f"written to {exp_dir / 'report.json'} and {exp_dir / 'report.md'}")
+        if readme:
+            rewrite_readme(ROOT / "README.md", cfg.run_root)
+            print(f"rewrote the results block of {ROOT / 'README.md'}")
+    except (FileNotFoundError, ValueError) as e:  # no runs yet, or a README without the block
+        raise ConfigError(str(e)) from e
     return report
 
 
