@@ -25,6 +25,7 @@ Sources (all under runs/<exp>/):
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -174,71 +175,89 @@ def _pct(x) -> str:
     return "n/a" if x is None or x != x else f"{100 * x:.1f}%"
 
 
+def _num(x) -> str:
+    return "n/a" if x is None or x != x else f"{x:.3f}"
+
+
 def _ms(x) -> str:
-    return "n/a" if x is None else f"{x:.0f} ms"
+    return "n/a" if x is None else f"{x:.0f}"
 
 
 def _file_date(path: Path) -> str:
-    return datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).strftime("%Y-%m-%d")
+
+
+TABLE_HEADER = ["| table | exp | result | command | CPU | commit | date |", "|---|---|---|---|---|---|---|"]
+PAPER_TABLES = ("1:", "2:", "3:", "4:")  # the rows the README's results block takes
+
+
+def report_rows(report: dict, exp_dir: Path) -> list[tuple[str, str, str, Path]]:
+    """(table, result, source key, source file) of every part that was run: Tables 1-4 first
+    (labels "1:" .. "4:"), then the frozen LLM's text QA and the state classifier."""
+    ev = exp_dir / "eval"
+    sources = read_sources(exp_dir)
+    a, so, sq, d, st = (report[k] for k in ("asr_wer", "speech_output", "spoken_qa", "dialogue", "state"))
+    lat = report["latency_ms"]["decision_to_first_pcm"]
+    rows = []
+    if sources["asr"] is not None:
+        rows.append(("1: ASR WER at 160 ms (full context)",
+                     f"CTC {_pct(a['ctc_chunk4'])} ({_pct(a['ctc_full'])}); LLM {_pct(a['llm_chunk4'])} "
+                     f"({_pct(a['llm_full'])})", "asr", ev / "asr.json"))  # fmt: skip
+    if so["best_wer"] is not None:
+        floor, best = so["floor_wer"], so["best_wer"]
+        ratio = f" ({best / floor:.2f}x)" if floor else ""
+        rows.append(("2: judge WER on the decoder's speech",
+                     f"best {_pct(best)}, floor {_pct(floor)}{ratio}; codec resynthesis {_pct(so['codec_wer'])}",
+                     "speech_output", ev / "speech_output.json"))  # fmt: skip
+    if sq["speech_accuracy"] is not None:
+        s, t = sq["speech_accuracy"], sq["text_accuracy"]
+        ratio = f" = {s / t:.3f}" if t else ""
+        rows.append(
+            ("3: spoken QA, speech / text", f"{_num(s)} / {_num(t)}{ratio}", "spoken_qa", ev / "spoken_qa.json")
+        )
+    values, lat_source = answer_latencies_ms(sources)
+    if lat_source is not None:
+        result = f"{_ms(lat['avg'])} ms avg (p50 {_ms(lat['p50'])}, p90 {_ms(lat['p90'])}) over {len(values)} answers"
+        if lat_source == "dialogue":
+            result += (f"; speech -> speech {_num(d['s2s_accuracy'])}, speech -> text {_num(d['s2t_accuracy'])}, "
+                       f"text -> text {_num(d['t2t_accuracy'])}, answered {_pct(d['answered'])}")  # fmt: skip
+            path = ev / "dialogue.json"
+        else:
+            result += " of the spoken exchange (`eval_dialogue` not run)"
+            path = exp_dir / "chat" / "answer.json"
+        rows.append(("4: decision -> first PCM", result, lat_source, path))
+    if report["text_qa_accuracy"] is not None:
+        rows.append(("text QA of the frozen LLM", _num(report["text_qa_accuracy"]), "text_qa",
+                     exp_dir / "llm_text" / "metrics.json"))  # fmt: skip
+    if st["answered_after_end"] is not None:
+        key = "state" if sources["state"] is not None else "dialogue"
+        rows.append(("state classifier",
+                     f"answered after the end {_pct(st['answered_after_end'])}, cut in {_pct(st['cut_in'])}, "
+                     f"false answers {_pct(st['false_answer'])}, endpoint delay p50 {_ms(st['endpoint_delay_ms_p50'])} ms",
+                     key, ev / f"{key}.json"))  # fmt: skip
+    return rows
 
 
 def report_markdown(report: dict, exp_dir: Path) -> str:
-    """report.md: one row per paper table (and the text QA and state rows), each with its command
-    and the date its file was written; the CPU and commit are the report's."""
+    """report.md: one row per paper table (then text QA and the state classifier), each with the
+    command that wrote its numbers, the CPU, the commit and the date of its file (UTC)."""
     exp = report["experiment"]
-    ev = exp_dir / "eval"
-    a, so, d, st = report["asr_wer"], report["speech_output"], report["dialogue"], report["state"]
-    lat = report["latency_ms"]["decision_to_first_pcm"]
-    sources = read_sources(exp_dir)
-    lat_source = answer_latencies_ms(sources)[1]
-    rows = []  # (table, result, source key, file)
-    if a["ctc_full"] is not None or a["llm_full"] is not None:
-        rows.append(("Table 1: ASR WER (test voices)",
-                     f"CTC {_pct(a['ctc_full'])} full / {_pct(a['ctc_chunk4'])} chunk 4; "
-                     f"LLM {_pct(a['llm_full'])} full / {_pct(a['llm_chunk4'])} chunk 4", "asr", ev / "asr.json"))  # fmt: skip
-    if so["best_wer"] is not None:
-        rows.append(("Table 2: speech output WER",
-                     f"best {_pct(so['best_wer'])}, floor {_pct(so['floor_wer'])}, codec {_pct(so['codec_wer'])} "
-                     f"(judge: {so['judge']})", "speech_output", ev / "speech_output.json"))  # fmt: skip
-    sq = report["spoken_qa"]
-    if sq["speech_accuracy"] is not None:
-        rows.append(("Table 3: spoken QA accuracy",
-                     f"speech {_pct(sq['speech_accuracy'])}, text {_pct(sq['text_accuracy'])}", "spoken_qa",
-                     ev / "spoken_qa.json"))  # fmt: skip
-    if lat_source is not None:
-        result = f"decision -> first PCM avg {_ms(lat['avg'])}, p50 {_ms(lat['p50'])}, p90 {_ms(lat['p90'])}"
-        if lat_source == "dialogue":
-            result += (f"; speech->speech {_pct(d['s2s_accuracy'])}, speech->text {_pct(d['s2t_accuracy'])}, "
-                       f"text->text {_pct(d['t2t_accuracy'])}, answered {_pct(d['answered'])}")  # fmt: skip
-            path = ev / "dialogue.json"
-        else:
-            result += " (the answers of one spoken exchange)"
-            path = exp_dir / "chat" / "answer.json"
-        rows.append(("Table 4: latency", result, lat_source, path))
-    if report["text_qa_accuracy"] is not None:
-        rows.append(("Text QA (the frozen LLM)", _pct(report["text_qa_accuracy"]), "text_qa",
-                     exp_dir / "llm_text" / "metrics.json"))  # fmt: skip
-    if st["answered_after_end"] is not None:
-        state_path = ev / "state.json" if sources["state"] is not None else ev / "dialogue.json"
-        rows.append(("State classifier",
-                     f"answered after the end {_pct(st['answered_after_end'])}, cut in {_pct(st['cut_in'])}, "
-                     f"false answers {_pct(st['false_answer'])}, endpoint delay p50 {_ms(st['endpoint_delay_ms_p50'])}",
-                     "state" if sources["state"] is not None else "dialogue", state_path))  # fmt: skip
+    cpu = f"{os.cpu_count()}-core {report['cpu']}" if report["cpu"] else "unknown"
+    commit = report["commit"] or "n/a"
     lines = [
         f"### Results of experiment `{exp}`",
         "",
-        f"CPU: {report['cpu'] or 'unknown'}; commit: {report['commit'] or 'not a git checkout'}; "
-        f"report written {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.",
+        f"Written {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} from runs/{exp} "
+        f"(`python infer.py report experiment={exp}`); CPU: {cpu}; commit: {commit}.",
         "",
-        "| table | result | command | CPU | commit | date |",
-        "|---|---|---|---|---|---|",
+        *TABLE_HEADER,
     ]
+    rows = report_rows(report, exp_dir)
     for table, result, key, path in rows:
-        command = COMMANDS[key].format(exp=exp)
-        lines.append(f"| {table} | {result} | `{command}` | {report['cpu'] or 'unknown'} | "
-                     f"{report['commit'] or 'n/a'} | {_file_date(path)} |")  # fmt: skip
+        lines.append(f"| {table} | {exp} | {result} | `{COMMANDS[key].format(exp=exp)}` | {cpu} | {commit} | "
+                     f"{_file_date(path)} |")  # fmt: skip
     if not rows:
-        lines.append("| (no evaluation has been run) | | | | | |")
+        lines.append(f"| (no evaluation run yet) | {exp} | | | {cpu} | {commit} | |")
     return "\n".join(lines) + "\n"
 
 
@@ -261,14 +280,23 @@ def replace_readme_block(text: str, block: str) -> str:
     return text[: start + len(README_BEGIN)] + "\n" + block.strip("\n") + "\n" + text[end:]
 
 
+def readme_block(reports: list[str]) -> str:
+    """One table of the Tables 1-4 rows of several report.md texts, grouped by table, in the
+    order of `reports` within each table."""
+    rows = [line for text in reports for line in text.splitlines() if line.startswith("| ")]
+    block = list(TABLE_HEADER)
+    for prefix in PAPER_TABLES:
+        block += [r for r in rows if r.startswith(f"| {prefix}")]
+    return "\n".join(block) + "\n"
+
+
 def rewrite_readme(readme: Path | str, run_root: Path | str, experiments=README_EXPERIMENTS) -> str:
     """Rewrite the README's results block from runs/<exp>/report.md of each experiment that has one."""
     readme = Path(readme)
-    parts = [(Path(run_root) / e / "report.md") for e in experiments]
-    parts = [p.read_text().strip("\n") for p in parts if p.is_file()]
-    if not parts:
+    found = [p for p in (Path(run_root) / e / "report.md" for e in experiments) if p.is_file()]
+    if not found:
         raise FileNotFoundError(f"no report.md under {run_root} for {', '.join(experiments)}: run `make report` first")
-    text = replace_readme_block(readme.read_text(), "\n\n".join(parts))
+    text = replace_readme_block(readme.read_text(), readme_block([p.read_text() for p in found]))
     readme.write_text(text)
     return text
 

@@ -114,9 +114,13 @@ def test_write_report_writes_json_and_markdown(tmp_path):
     assert on_disk == report
     assert_keys(on_disk)
     md = (tmp_path / "runs" / "tiny" / "report.md").read_text()
-    for table in ("Table 1", "Table 2", "Table 3", "Table 4"):
+    for table in ("1:", "2:", "3:", "4:"):
         assert sum(line.startswith(f"| {table}") for line in md.splitlines()) == 1, table
-    assert "`python infer.py eval_asr experiment=tiny`" in md
+    assert (
+        "| 3: spoken QA, speech / text | tiny | 0.250 / 0.500 = 0.500 | `python infer.py eval_spoken_qa experiment=tiny` |"
+        in md
+    )
+    assert "| 4: decision -> first PCM | tiny | 200 ms avg (p50 200, p90 280) over 3 answers" in md
     assert "`python infer.py eval_dialogue" not in md  # Table 4 came from the spoken exchange
     assert "date" not in report and "command" not in report
     with pytest.raises(FileNotFoundError):
@@ -137,9 +141,20 @@ def test_rewrite_readme_reads_the_demo_and_tiny_reports(tmp_path):
     runs = tmp_path / "runs"
     for exp in ("demo", "tiny", "small"):
         (runs / exp).mkdir(parents=True)
-        (runs / exp / "report.md").write_text(f"### Results of experiment `{exp}`\n")
+        rows = [f"| {t} | {exp} | r | `c` | cpu | abc | 2026-01-01 |" for t in ("1: a", "2: b", "text QA")]
+        (runs / exp / "report.md").write_text(f"### Results of experiment `{exp}`\n\n" + "\n".join(rows) + "\n")
     readme = tmp_path / "README.md"
     readme.write_text(f"top\n{README_BEGIN}\nstale\n{README_END}\nbottom\n")
     rewrite_readme(readme, runs)
-    assert readme.read_text() == (f"top\n{README_BEGIN}\n### Results of experiment `demo`\n\n"
-                                  f"### Results of experiment `tiny`\n{README_END}\nbottom\n")  # fmt: skip
+    assert readme.read_text().splitlines() == [
+        "top",
+        README_BEGIN,
+        "| table | exp | result | command | CPU | commit | date |",
+        "|---|---|---|---|---|---|---|",
+        "| 1: a | demo | r | `c` | cpu | abc | 2026-01-01 |",  # grouped by table, demo before tiny
+        "| 1: a | tiny | r | `c` | cpu | abc | 2026-01-01 |",
+        "| 2: b | demo | r | `c` | cpu | abc | 2026-01-01 |",
+        "| 2: b | tiny | r | `c` | cpu | abc | 2026-01-01 |",
+        README_END,  # only the paper's Tables 1-4; `small` is not a README experiment
+        "bottom",
+    ]
