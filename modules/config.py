@@ -259,7 +259,7 @@ def load_config(argv: list[str] | None = None, config_dir: Path = CONFIG_DIR, **
     exp_defaults = exp_cfg.pop("defaults", OmegaConf.create({}))
     per_stage = exp_cfg.pop("stages", OmegaConf.create({}))
     stage_names = _choices("stage", config_dir)
-    unknown_blocks = sorted(str(k) for k in per_stage.keys() if k not in stage_names)
+    unknown_blocks = sorted(str(k) for k in per_stage if k not in stage_names)
     if unknown_blocks:
         raise ConfigError(
             f"experiment '{experiment}' has blocks for unknown stages {unknown_blocks} under `stages:`; "
