@@ -513,7 +513,7 @@ def unit_lexicon(units: CTCUnits, tokenizer: PreTrainedTokenizerBase, table: tor
     return lexicon
 
 
-# --- stage runners ------------------------------------------------------------------------------
+# --- the stages ----------------------------------------------------------------------------------
 def build(cfg: DictConfig) -> SpeechLLM:
     """The module with a frozen LLM; with `adapter.lexical`, its lexical path starts from stage 1.
 
