@@ -7,6 +7,10 @@ Composition order (later wins):
     <- configs/stage/<stage>.yaml <- configs/experiment/<exp>.yaml (its body)
     <- the experiment's `stages.<stage>` block <- command-line `a.b=value` overrides.
 
+A stage file says what the stage is (`stage.trainable`, `stage.init_from`, its data and losses);
+an experiment holds each stage's budgets (`optim`, `trainer`) in one `stages.<stage>` block, and
+a block for a stage that has no file in configs/stage/ is an error naming the stages.
+
 An experiment file names its group choices in `defaults:` (e.g. `model: tiny`); the
 command line can change them (`trainer=gpu`). Every key anywhere is checked against the
 dataclass schema: an unknown key is an error naming the valid keys (and the closest one),
@@ -254,6 +258,13 @@ def load_config(argv: list[str] | None = None, config_dir: Path = CONFIG_DIR, **
 
     exp_defaults = exp_cfg.pop("defaults", OmegaConf.create({}))
     per_stage = exp_cfg.pop("stages", OmegaConf.create({}))
+    stage_names = _choices("stage", config_dir)
+    unknown_blocks = sorted(str(k) for k in per_stage if k not in stage_names)
+    if unknown_blocks:
+        raise ConfigError(
+            f"experiment '{experiment}' has blocks for unknown stages {unknown_blocks} under `stages:`; "
+            f"stages: {', '.join(stage_names)}"
+        )
     unknown_groups = set(exp_defaults.keys()) - set(GROUPS)
     if unknown_groups:
         raise ConfigError(

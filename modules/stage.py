@@ -1,16 +1,26 @@
-"""What every stage shares: freezing, trainable-only checkpoints, the Trainer, the LR schedule.
+"""What every stage shares: freezing, trainable-only checkpoints, the Trainer, the LR schedule,
+and the one way a stage runs (`STAGES`, `run_stage`).
 
 A component LightningModule subclasses `StageModule` and names its components
 (`components()`); the stage config's `trainable` list decides which ones train. Frozen
 components get `requires_grad_(False)` and stay in eval mode, even after Lightning calls
 `.train()`. A checkpoint keeps only trainable weights plus the resolved run config.
+
+Every stage goes through `run_stage`: build the module -> load the outputs of `init_from` ->
+freeze -> prepare (checks, caches, recordings) -> data -> fit -> (rank zero) save the stage output,
+measure, write metrics.json. A stage is declared by a `StageSpec` in its component's module
+(`STAGE_SPECS`); `STAGES` lists the stages in the chain's order and imports a component only
+when its spec is asked for, so this module imports no component.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -285,16 +295,24 @@ def load_stage_outputs(cfg: DictConfig, module: nn.Module, stages: list[str] | N
     return loaded
 
 
-def load_saved_weights(cfg: DictConfig, module: nn.Module, stage: str, saved: dict[str, Any]) -> list[str]:
+def load_saved_weights(
+    cfg: DictConfig, module: nn.Module, stage: str, saved: dict[str, Any], leave_out: tuple[str, ...] | None = None
+) -> list[str]:
     """Copy the weights of `saved` (the output of `stage`, see `read_stage_output`) into `module`.
 
-    Saved components the module lacks (e.g. the CTC head after stage 1) are left out; every
-    other saved tensor must exist in `module` with the same shape; otherwise the error names
-    the tensor, both shapes and the config values that differ between the two runs.
+    Saved components the module lacks (e.g. the CTC head after stage 1) are left out; with
+    `leave_out`, only the saved top-level parts it names may be (e.g. the codec's training-only
+    discriminators), and any other tensor the module lacks is an error. Every kept tensor must
+    exist in `module` with the same shape; otherwise the error names the tensor, both shapes and
+    the config values that differ between the two runs.
     """
     own = module.state_dict()
     present = {k.split(".")[0] for k in own}
-    theirs = {k: v for k, v in saved["state_dict"].items() if k.split(".")[0] in present}
+    skip = (lambda top: top not in present) if leave_out is None else (lambda top: top in leave_out)
+    theirs = {k: v for k, v in saved["state_dict"].items() if not skip(k.split(".")[0])}
+    left = len(saved["state_dict"]) - len(theirs)
+    if left:
+        log.info("left out %d saved tensors of parts this module does not build", left)
     unknown = sorted(set(theirs) - set(own))
     bad = [
         f"{k}: {stage} saved {tuple(v.shape)}, this model has {tuple(own[k].shape)}"
@@ -332,3 +350,104 @@ def config_differences(
         elif a != b:
             out.append(f"{prefix}{key}: {a} -> {b}")
     return out
+
+
+# --- running a stage --------------------------------------------------------------------------
+@dataclass
+class StageRun:
+    """One run of a stage, as `run_stage` hands it to the hooks of its `StageSpec`."""
+
+    cfg: DictConfig
+    module: StageModule
+    loaded: list[str] = field(default_factory=list)  # tensors copied from the outputs of `init_from`
+    # What the prepare hook leaves for the data hook (e.g. recorded LLM states).
+    prepared: dict[str, Any] = field(default_factory=dict)
+    # Measures known before training (e.g. data counts, model size); they go into metrics.json.
+    metrics: dict[str, Any] = field(default_factory=dict)
+    trainer: L.Trainer | None = None
+
+
+def save_output(run: StageRun) -> None:
+    """The default stage output: runs/<exp>/<stage>/model.pt with the trainable weights."""
+    save_stage_output(run.cfg, run.module)
+
+
+def validation_metrics(run: StageRun) -> dict[str, float]:
+    """The last validation measures of the fit ("val/..." keys)."""
+    return {k: float(v) for k, v in run.trainer.callback_metrics.items() if k.startswith("val/")}
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """How one stage trains. `run_stage` calls, in order: `build(cfg)`, loads `stage.init_from`,
+    freezes per `stage.trainable`, `prepare(run)`, `data(run)`, fits, then on rank zero `save(run)`
+    and `evaluate(run)` (measures merged into metrics.json)."""
+
+    build: Callable[[DictConfig], StageModule]  # the module, before any saved weights are loaded
+    data: Callable[[StageRun], L.LightningDataModule]
+    prepare: Callable[[StageRun], None] | None = None  # work before fit: checks, caches, recordings
+    evaluate: Callable[[StageRun], dict[str, Any]] | None = None  # measures after fit (rank zero)
+    save: Callable[[StageRun], None] = save_output  # the stage output a later stage starts from (rank zero)
+
+
+class StageRegistry(Mapping[str, StageSpec]):
+    """Stage name -> `StageSpec`, in the chain's order.
+
+    A spec is declared in its component's module as `STAGE_SPECS[name]`; that module is imported
+    the first time the spec is asked for (names and order need no import).
+    """
+
+    def __init__(self, declared_in: dict[str, str]):
+        self._declared_in = dict(declared_in)
+
+    def __getitem__(self, name: str) -> StageSpec:
+        if name not in self._declared_in:
+            raise KeyError(f"unknown stage '{name}'; stages: {', '.join(self._declared_in)}")
+        specs = importlib.import_module(self._declared_in[name]).STAGE_SPECS
+        if name not in specs:
+            raise KeyError(f"{self._declared_in[name]}.STAGE_SPECS declares no stage '{name}'")
+        return specs[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._declared_in
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._declared_in)
+
+    def __len__(self) -> int:
+        return len(self._declared_in)
+
+
+STAGES = StageRegistry(
+    {
+        "llm_text": "modules.llm.stand_in",
+        "input_1_ctc": "modules.encoder.ctc",
+        "input_2_align": "modules.speech_llm.model",
+        "input_3_prompt": "modules.speech_llm.model",
+        "input_4_state": "modules.state_classifier",
+        "output_1_codec": "modules.codec.stage",
+        "output_2_decoder": "modules.speech_decoder.stage",
+        "output_3_prefix": "modules.speech_decoder.stage",
+    }
+)
+
+
+def run_stage(cfg: DictConfig) -> dict[str, Any]:
+    """Train stage `cfg.stage.name` (resuming per `cfg.resume`) and return its metrics, which rank
+    zero also writes to runs/<exp>/<stage>/metrics.json: the per-component parameter counts, the
+    steps trained, the measures the prepare hook left in `run.metrics` and the evaluate hook's measures."""
+    spec = STAGES[cfg.stage.name]
+    L.seed_everything(cfg.seed, workers=True)
+    run = StageRun(cfg, spec.build(cfg))
+    run.loaded = load_stage_outputs(cfg, run.module)
+    counts = run.module.apply_freezing(list(cfg.stage.trainable))
+    if spec.prepare is not None:
+        spec.prepare(run)
+    run.trainer = fit(cfg, run.module, spec.data(run))
+    metrics = {"component_params": counts, "train_steps": run.trainer.global_step, **run.metrics}
+    if run.trainer.global_rank == 0:
+        spec.save(run)
+        if spec.evaluate is not None:
+            metrics.update(spec.evaluate(run))
+        write_metrics(cfg, metrics)
+    return metrics

@@ -1,6 +1,7 @@
-"""Stage `input_4_state`: the chunk-level state classifier, and its report (`infer.py eval_state`).
+"""The chunk-level state classifier (`StateClassifier`), its stage `input_4_state`, and what its
+report (`infer.py eval_state`) reads.
 
-A linear head (`SpeechLLM.state_head`, the release's `predictor_head`) reads the frozen LLM's
+A linear head (`StateClassifier`, owned by `SpeechLLM` as `state_head`; the release's `predictor_head`) reads the frozen LLM's
 last hidden state at the end of every 160 ms chunk of a user turn: 0 keep listening, 1 the user
 has finished and wants an answer, 2 the user has finished and no answer is due (backchannel,
 filler, noise, speech to someone else); a fourth output is never a target and is ignored. At
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -33,10 +35,53 @@ from datamodules.corpus.turns import ANSWER, DROP, IGNORE, LISTEN, STATE_NAMES, 
 from datamodules.features import fbank
 from datamodules.shards.reader import SkipCounter, iter_decoded
 from datamodules.state import ChunkStates
-from modules.speech_llm.model import PROMPT, SpeechLLM, build
-from modules.stage import fit, load_stage_outputs, save_stage_output, write_metrics
+from modules.stage import StageModule, StageRun, StageSpec, validation_metrics
+
+if TYPE_CHECKING:  # modules.speech_llm.model imports this module for the head
+    from modules.speech_llm.model import SpeechLLM
 
 log = logging.getLogger(__name__)
+
+NUM_STATES = 4  # the head's outputs: listen, answer, drop and an ignored fourth (as the release)
+PROMPT_TURN = "input_3_prompt"  # the user-turn layout with the prompt vectors (`SpeechLLM.user_turn_start`)
+
+
+# --- the head ----------------------------------------------------------------------------------------
+def decide(probs: torch.Tensor, answer_threshold: float, drop_threshold: float) -> tuple[int, int]:
+    """(state, chunk) of the first decision over chunk probabilities [C, 3] (state 2 checked
+    first, as the release); (LISTEN, C) if neither fires."""
+    for c in range(len(probs)):
+        if float(probs[c, DROP]) > drop_threshold:
+            return DROP, c
+        if float(probs[c, ANSWER]) > answer_threshold:
+            return ANSWER, c
+    return LISTEN, len(probs)
+
+
+class StateClassifier(nn.Linear):
+    """Linear(LLM width D -> 4) over the LLM's last hidden state at the end of a chunk.
+
+    A `nn.Linear` itself, so its weights are `<owner attribute>.weight` / `.bias` in checkpoints.
+    """
+
+    decide = staticmethod(decide)
+
+    def __init__(self, width: int):
+        super().__init__(width, NUM_STATES)
+
+    def probs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """P(listen, answer, drop) [..., 3] from LLM last hidden states [..., D]: a softmax over the
+        first three logits (the fourth is ignored, as in the release)."""
+        return self(hidden.to(self.weight.dtype))[..., :IGNORE].float().softmax(-1)
+
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """CE over chunk-end states [N, D] with labels [N] (IGNORE masked), the accuracy over the
+        three states, and the number of labelled chunks."""
+        logits = self(hidden)
+        loss = nn.functional.cross_entropy(logits.float(), labels, ignore_index=IGNORE)
+        valid = labels != IGNORE
+        acc = ((logits[:, :IGNORE].argmax(-1) == labels) & valid).sum() / valid.sum().clamp(min=1)
+        return loss, acc, int(valid.sum())
 
 
 # --- recording the LLM's states -------------------------------------------------------------------
@@ -52,7 +97,7 @@ def chunk_states(module: SpeechLLM, wavs: list[np.ndarray]) -> list[torch.Tensor
     lens = torch.tensor([len(f) for f in feats])
     padded = nn.utils.rnn.pad_sequence(feats, batch_first=True).to(dev)
     speech, speech_lens = module.speech_embeddings(padded, lens.to(dev), int(module.cfg.encoder.chunk_frames))
-    head = torch.cat([module.embed_ids(module.layout.system), module.user_turn_start(PROMPT)])
+    head = torch.cat([module.embed_ids(module.layout.system), module.user_turn_start(PROMPT_TURN)])
     n0 = len(head)
     total = n0 + int(speech_lens.max())
     emb = head.new_zeros(len(wavs), total, head.shape[1])
@@ -110,38 +155,40 @@ def label_counts(turns: list[dict]) -> dict[str, int]:
     return {STATE_NAMES.get(k, "ignore"): int((labels == k).sum()) for k in (LISTEN, ANSWER, DROP, IGNORE)}
 
 
-def run(cfg: DictConfig) -> dict:
-    module = build(cfg)
-    load_stage_outputs(cfg, module)
-    counts = module.apply_freezing(list(cfg.stage.trainable))
+# --- the stage -------------------------------------------------------------------------------------
+def build_stage_module(cfg: DictConfig) -> StageModule:
+    """The speech LLM that owns the head (its stage logic trains the head on recorded states)."""
+    from modules.speech_llm.model import build  # imported here: that module imports this one
+
+    return build(cfg)
+
+
+def record_dialogue_states(run: StageRun) -> None:
+    """Run the frozen speech LLM once over the train and dev turns and keep its chunk-end states."""
+    module, turns = run.module, run.cfg.data.turns
     module.eval()
-    turns = cfg.data.turns
     recorded = {split: record_turns(module, turns[f"{split}_shards"], turns.limit if split == "train" else 0,
                                     turns.record_batch, f"LLM states, {split} turns") for split in ("train", "dev")}  # fmt: skip
     module.state_head.train()
-    data = ChunkStates(recorded["train"]["turns"], recorded["dev"]["turns"], cfg.data.turns.batch_size, cfg.seed)
-    trainer = fit(cfg, module, data)
-    metrics = {
-        "component_params": counts,
-        "train_steps": trainer.global_step,
-        "turns": {s: len(r["turns"]) for s, r in recorded.items()},
-        "chunks": {s: label_counts(r["turns"]) for s, r in recorded.items()},
-        "skipped": {s: r["skipped"] for s, r in recorded.items()},
-    }
-    if trainer.global_rank == 0:
-        save_stage_output(cfg, module)
-        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
-        write_metrics(cfg, metrics)
-    return metrics
+    run.prepared["recorded"] = recorded
+    run.metrics.update(
+        {
+            "turns": {s: len(r["turns"]) for s, r in recorded.items()},
+            "chunks": {s: label_counts(r["turns"]) for s, r in recorded.items()},
+            "skipped": {s: r["skipped"] for s, r in recorded.items()},
+        }
+    )
 
 
-# --- decisions and the report ---------------------------------------------------------------------
-def decide(probs: torch.Tensor, answer_threshold: float, drop_threshold: float) -> tuple[int, int]:
-    """(state, chunk) of the first decision over chunk probabilities [C, 3] (state 2 checked
-    first, as the release); (LISTEN, C) if neither fires."""
-    for c in range(len(probs)):
-        if float(probs[c, DROP]) > drop_threshold:
-            return DROP, c
-        if float(probs[c, ANSWER]) > answer_threshold:
-            return ANSWER, c
-    return LISTEN, len(probs)
+def recorded_states(run: StageRun) -> ChunkStates:
+    recorded = run.prepared["recorded"]
+    return ChunkStates(
+        recorded["train"]["turns"], recorded["dev"]["turns"], run.cfg.data.turns.batch_size, run.cfg.seed
+    )
+
+
+STAGE_SPECS = {
+    "input_4_state": StageSpec(
+        build=build_stage_module, prepare=record_dialogue_states, data=recorded_states, evaluate=validation_metrics
+    )
+}

@@ -87,12 +87,17 @@ class DuplexModel:
         the decoder + prefix and the codec; with `transcribe_user` the stage-1 CTC model."""
         from modules.codec.stage import load_codec, voice_tokens
         from modules.encoder.ctc import load_encoder_ctc
+        from modules.speech_decoder.stage import load_speech_decoder
         from modules.speech_llm.model import load_speech_llm
 
         speech_llm = load_speech_llm(cfg, list(stages))
         decoder = codec = voice = None
         if speech_output:
-            decoder, codec, voice = _trained_decoder(cfg, speech_llm), load_codec(cfg), voice_tokens(cfg)
+            decoder, codec, voice = (
+                load_speech_decoder(cfg, llm=(speech_llm.llm, speech_llm.tokenizer)),
+                load_codec(cfg),
+                voice_tokens(cfg),
+            )
         judge = load_encoder_ctc(cfg) if transcribe_user else None
         return cls(cfg, speech_llm, decoder, codec, voice, judge)
 
@@ -106,7 +111,7 @@ class DuplexModel:
         speech_llm = build_speech_llm(cfg)
         decoder = SpeechDecoder(cfg, speech_llm.llm, speech_llm.tokenizer).eval()  # the one copy of the LLM
         voice = torch.zeros(cfg.codec.global_groups, dtype=torch.long)
-        return cls(cfg, speech_llm, decoder, Codec(cfg, discriminators=False).eval(), voice)
+        return cls(cfg, speech_llm, decoder, Codec(cfg, with_discriminators=False).eval(), voice)
 
     def new_session(self) -> Session:
         return Session(self.stream.start(), self.vad.init_state())
@@ -314,15 +319,3 @@ class DuplexModel:
             marks.setdefault("pcm", time.perf_counter() - t0)
             emit(rest)
         marks["segments_spoken"] = marks.get("segments_spoken", 0) + 1
-
-
-def _trained_decoder(cfg: DictConfig, speech_llm: SpeechLLM):
-    """The trained speech decoder (output_2_decoder + output_3_prefix weights) around the speech
-    LLM's frozen LLM: what `load_speech_decoder` gives, without loading a second copy of the LLM."""
-    from modules.speech_decoder.stage import DECODER, PREFIX, SpeechDecoder
-    from modules.stage import load_saved_weights, read_stage_output
-
-    module = SpeechDecoder(cfg, speech_llm.llm, speech_llm.tokenizer)
-    for stage in (DECODER, PREFIX):
-        load_saved_weights(cfg, module, stage, read_stage_output(cfg, stage))
-    return module.eval()

@@ -116,3 +116,43 @@ def test_an_experiment_extends_another_and_a_loop_is_named(tmp_path):
     (exp / "b.yaml").write_text("extends: a\n")
     with pytest.raises(ConfigError, match="loop: a -> b -> a"):
         load_config(["stage=llm_text", "experiment=a"], config_dir=tmp_path / "configs")
+
+
+def test_an_unknown_stage_block_names_the_stages(tmp_path):
+    import shutil
+
+    shutil.copytree(CONFIG_DIR, tmp_path / "configs")
+    (tmp_path / "configs" / "experiment" / "typo.yaml").write_text(
+        "extends: tiny\nstages:\n  input_1_ctcc:\n    trainer:\n      max_steps: 9\n"
+    )
+    with pytest.raises(ConfigError) as e:
+        load_config(["stage=input_1_ctc", "experiment=typo"], config_dir=tmp_path / "configs")
+    msg = str(e.value)
+    assert "input_1_ctcc" in msg and "typo" in msg
+    assert all(stage in msg for stage in STAGES)
+
+
+def test_stage_files_hold_no_budgets_and_experiments_hold_every_stage_budget():
+    """What a stage is lives in configs/stage/; optim and trainer settings in one block per stage
+    of an experiment (an experiment that extends another inherits the parent's blocks)."""
+    for stage in STAGES:
+        body = OmegaConf.load(CONFIG_DIR / "stage" / f"{stage}.yaml")
+        assert not {"optim", "trainer"} & set(body), stage
+    for experiment in ("tiny", "paper"):
+        blocks = OmegaConf.load(CONFIG_DIR / "experiment" / f"{experiment}.yaml").stages
+        assert sorted(blocks) == STAGES, experiment
+        for stage in STAGES:
+            assert {"optim", "trainer"} <= set(blocks[stage]), (experiment, stage)
+            assert "max_steps" in blocks[stage].trainer, (experiment, stage)
+
+
+def test_small_runs_the_paper_budgets_and_demo_overrides_tiny():
+    for stage in STAGES:
+        paper = load_config([f"stage={stage}", "experiment=paper"])
+        small = load_config([f"stage={stage}", "experiment=small"])
+        assert small.optim == paper.optim and small.trainer.max_steps == paper.trainer.max_steps, stage
+    assert load_config(["stage=input_1_ctc", "experiment=demo"]).trainer.max_steps == 720
+    assert (
+        load_config(["stage=input_1_ctc", "experiment=demo"]).optim
+        == load_config(["stage=input_1_ctc", "experiment=tiny"]).optim
+    )

@@ -311,18 +311,20 @@ def test_the_engine_loads_the_llm_once_and_builds_no_ctc_or_discriminators(duple
     # The trained chain's loader: the CTC model only with transcribe_user (stage outputs stubbed here).
     import modules.codec.stage
     import modules.encoder.ctc
+    import modules.speech_decoder.stage
     import modules.speech_llm.model
-    import server.engine
 
     cfg = model.cfg
     ctc_built = []
     monkeypatch.setattr(modules.speech_llm.model, "load_speech_llm", lambda cfg, stages: build(cfg).eval())
-    monkeypatch.setattr(server.engine, "_trained_decoder", lambda cfg, m: model.decoder)
-    monkeypatch.setattr(modules.codec.stage, "load_codec", lambda cfg: Codec(cfg, discriminators=False))
+    monkeypatch.setattr(modules.speech_decoder.stage, "read_stage_output", lambda cfg, stage: {})
+    monkeypatch.setattr(modules.speech_decoder.stage, "load_saved_weights", lambda cfg, module, stage, saved: None)
+    monkeypatch.setattr(modules.codec.stage, "load_codec", lambda cfg: Codec(cfg, with_discriminators=False))
     monkeypatch.setattr(modules.codec.stage, "voice_tokens", lambda cfg: model.voice)
     monkeypatch.setattr(modules.encoder.ctc, "load_encoder_ctc", lambda cfg: ctc_built.append(1) or "ctc")
     loads.clear()
-    assert DuplexModel.load(cfg).judge is None and not ctc_built and len(loads) == 1
+    loaded = DuplexModel.load(cfg)
+    assert loaded.judge is None and not ctc_built and len(loads) == 1 and loaded.decoder.llm is loaded.llm.llm
     assert DuplexModel.load(cfg, transcribe_user=True).judge == "ctc" and ctc_built == [1]
 
 

@@ -4,6 +4,7 @@ The lab-course notebooks (02-04) load the trained demo chain when runs/demo/ hol
 are pointed at an empty folder, so CI always runs them on tiny untrained models (a few seconds each).
 """
 
+import re
 from pathlib import Path
 
 import nbformat
@@ -29,3 +30,8 @@ def test_notebook_executes(path, tmp_path, monkeypatch):
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
+    # Every cell that draws a figure shows it (a backend that renders nothing would pass silently).
+    shows = re.compile(r"^(plt\.show\(\)|show\(fig\))|; plt\.show\(\)", re.M)
+    drawing = [c for c in nb.cells if c.cell_type == "code" and shows.search(c.source)]
+    assert drawing
+    assert all(any("image/png" in o.get("data", {}) for o in c.outputs) for c in drawing), "a figure was not shown"

@@ -26,7 +26,9 @@ from modules.llm.answers import fingerprint
 from modules.stage import read_checkpoint
 from tools.write_codec_tokens import write_codec_tokens
 
-CODEC_COMPONENTS = {"encoder", "quantizer", "global_quantizer", "generator", "discriminators"}
+CODEC_COMPONENTS = {"codec_encoder", "quantizer", "global_quantizer", "generator", "discriminators"}
+# Top-level keys of the saved codec (its attributes; the component codec_encoder is `encoder`).
+CODEC_SAVED_PARTS = {"encoder", "quantizer", "global_quantizer", "generator", "discriminators"}
 
 
 @pytest.fixture
@@ -98,10 +100,14 @@ def test_codec_stage_trains_writes_tokens_and_refuses_another_size(codec_args, t
     dev_total = sum(1 for _ in iter_metadata(cfg.data.tts.dev_shards))
     assert 1 <= metrics["dev_utterances"] < dev_total, dev_total  # eval.limit=1: the first batch only
     saved = read_checkpoint(run_dir(cfg) / "model.pt")
-    assert {k.split(".")[0] for k in saved["state_dict"]} == CODEC_COMPONENTS
+    assert {k.split(".")[0] for k in saved["state_dict"]} == CODEC_SAVED_PARTS
     assert "quantizer.codebook" in saved["state_dict"] and saved["run_config"]["codec"]["dim"] == 32
 
     codec = load_codec(cfg)
+    # inference builds no discriminators; their saved weights are left out on purpose
+    assert codec.discriminators is None and "discriminators" not in codec.components()
+    assert not any(name.startswith("discriminators.") for name, _ in codec.named_parameters())
+    assert all(torch.equal(codec.state_dict()[k], v) for k, v in saved["state_dict"].items() if k in codec.state_dict())
     # a decoder variant's stages use the main chain's codec (there is no output_1_codec-nopre)
     assert isinstance(load_codec(load_config(["stage=output_3_prefix", *codec_args, "stage.variant=nopre"])), Codec)
     wav = torch.randn(2, 1, 1500).clamp(-1, 1) * 0.3

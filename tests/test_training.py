@@ -104,3 +104,59 @@ def test_native_bf16_follows_the_cpu_flags(monkeypatch):
         for isa in ["AVX512", "AVX2"]:  # ATen held to AVX2 (ATEN_CPU_CAPABILITY=avx2) counts as an AVX2 CPU
             monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda v=isa: v)
             assert training.native_bf16("cpu") == ((amx or avx512) and isa == "AVX512")
+
+
+def test_saved_parts_left_out_only_where_named(cfg):
+    """`leave_out` names the saved parts a module may skip (e.g. the codec's discriminators at
+    inference); any other saved tensor it lacks is an error."""
+    saved = {"state_dict": {**_module(cfg, ["head", "encoder"]).trainable_state_dict(), "extra.weight": torch.ones(2)}}
+    m = _module(cfg, ["head"])
+    loaded = training.load_saved_weights(cfg, m, "llm_text", saved, leave_out=("extra",))
+    assert "extra.weight" not in loaded and "head.weight" in loaded
+    with pytest.raises(ValueError, match=r"extra.weight: not in this model"):
+        training.load_saved_weights(cfg, m, "llm_text", saved, leave_out=())
+
+
+CHAIN = [
+    "llm_text",
+    "input_1_ctc",
+    "input_2_align",
+    "input_3_prompt",
+    "input_4_state",
+    "output_1_codec",
+    "output_2_decoder",
+    "output_3_prefix",
+]
+
+
+def test_the_registry_lists_the_eight_stages_in_chain_order():
+    from modules.config import CONFIG_DIR
+
+    assert list(training.STAGES) == CHAIN and len(training.STAGES) == 8
+    assert set(CHAIN) == {p.stem for p in (CONFIG_DIR / "stage").glob("*.yaml")}  # a config file per stage
+    for name in CHAIN:  # every component module declares its spec
+        spec = training.STAGES[name]
+        assert callable(spec.build) and callable(spec.data) and callable(spec.save), name
+    with pytest.raises(KeyError, match="unknown stage 'input_5'"):
+        training.STAGES["input_5"]
+
+
+def test_train_runs_every_stage_through_run_stage(monkeypatch, tmp_path):
+    import train
+    from modules.config import ConfigError
+
+    seen = []
+
+    def fake_run_stage(cfg):
+        seen.append((cfg.stage.name, cfg.experiment, cfg.run_root))
+        return {"stage": cfg.stage.name}
+
+    monkeypatch.setattr(train, "run_stage", fake_run_stage)
+    out = train.main(["stage=all", "experiment=tiny", f"run_root={tmp_path}"])
+    assert list(out) == CHAIN and seen == [(s, "tiny", str(tmp_path)) for s in CHAIN]
+    assert out["input_4_state"] == {"stage": "input_4_state"}
+    seen.clear()
+    assert train.main(["stage=output_1_codec", "experiment=demo"]) == {"stage": "output_1_codec"}
+    assert seen == [("output_1_codec", "demo", "runs")]
+    with pytest.raises(ConfigError, match=r"unknown stage 'input_9'.*llm_text.*all"):
+        train.main(["stage=input_9", "experiment=tiny"])

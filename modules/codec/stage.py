@@ -12,6 +12,9 @@ The codebooks follow exponential moving averages (no optimiser). `trainer.max_st
 generator steps. Validation reconstructs whole dev utterances and reports the log-mel distance,
 SI-SNR and codebook use; TensorBoard gets audio and spectrograms of one of them.
 
+The discriminators exist only where training needs them: `load_codec` (inference: the dialogue
+engine, Table 2, the codec tokens) builds the codec without them and leaves their saved weights out.
+
 The blocks live in `modules.codec.network`; `tools.write_codec_tokens` writes the tokens of the
 TTS shards for the speech decoder; `python infer.py eval_codec` is the report on the test split.
 """
@@ -38,19 +41,13 @@ from modules.codec.discriminators import (
 from modules.codec.network import CodecConfig, Encoder, Generator, LogMel, hop_length
 from modules.config import run_dir
 from modules.layers.quantizer import GlobalQuantizer, VectorQuantizer, codebook_usage
-from modules.stage import (
-    StageModule,
-    fit,
-    load_saved_weights,
-    make_optimizer,
-    read_stage_output,
-    save_stage_output,
-    write_metrics,
-)
+from modules.stage import StageModule, StageRun, StageSpec, load_saved_weights, make_optimizer, read_stage_output
 from modules.tb import log_audio, log_spectrograms
 
 log = logging.getLogger(__name__)
 STAGE = "output_1_codec"
+# Parts only training uses (attribute names): an inference codec builds none and skips their saved weights.
+TRAINING_ONLY = ("discriminators",)
 
 
 def codec_config(cfg: DictConfig) -> CodecConfig:
@@ -68,9 +65,14 @@ def si_snr(estimate: torch.Tensor, reference: torch.Tensor, eps: float = 1e-8) -
 
 
 class Codec(StageModule):
-    """The codec component: `encode` (audio -> tokens), `decode` (tokens -> audio), GAN training."""
+    """The codec component: `encode` (audio -> tokens), `decode` (tokens -> audio), GAN training.
 
-    def __init__(self, cfg: DictConfig, discriminators: bool = True):
+    `with_discriminators=False` builds the inference codec: no discriminators (`TRAINING_ONLY`),
+    so it cannot train. Its components are named for the chain (`codec_encoder`, not the
+    speech encoder's `encoder`); the attributes keep the checkpoint keys (`encoder.*`).
+    """
+
+    def __init__(self, cfg: DictConfig, with_discriminators: bool = True):
         super().__init__(cfg)
         self.automatic_optimization = False
         c = self.codec_cfg = codec_config(cfg)
@@ -81,21 +83,23 @@ class Codec(StageModule):
             c.global_dim, c.global_groups, c.global_codebook_size, c.ema_decay, c.dead_code_threshold
         )
         self.generator = Generator(c)
-        self.discriminators = (  # training only: inference builds none
+        self.discriminators = (
             Discriminators(tuple(c.disc_periods), c.disc_scales, c.disc_scale_width, tuple(c.disc_period_widths))
-            if discriminators
+            if with_discriminators
             else None
         )
         self.mel = LogMel(c.sample_rate)
 
     def components(self) -> dict[str, nn.Module]:
-        return {
-            "encoder": self.encoder,
+        comps = {
+            "codec_encoder": self.encoder,
             "quantizer": self.quantizer,
             "global_quantizer": self.global_quantizer,
             "generator": self.generator,
-            **({"discriminators": self.discriminators} if self.discriminators is not None else {}),
         }
+        if self.discriminators is not None:
+            comps["discriminators"] = self.discriminators
+        return comps
 
     # --- the codec ------------------------------------------------------------------------------
     def _pad(self, wav: torch.Tensor) -> torch.Tensor:
@@ -222,6 +226,8 @@ class Codec(StageModule):
             self.log("val/codes_used", usage["used"])
 
     def configure_optimizers(self):
+        if self.discriminators is None:
+            raise RuntimeError("this codec was built for inference (with_discriminators=False) and cannot train")
         steps = self.cfg.trainer.max_steps
         g = make_optimizer(nn.ModuleList([self.encoder, self.generator]), self.cfg.optim, steps)
         d = make_optimizer(self.discriminators, self.cfg.optim, steps)
@@ -263,29 +269,27 @@ def check_rates(cfg: DictConfig) -> None:
         )
 
 
-def run(cfg: DictConfig) -> dict:
+def build_stage_module(cfg: DictConfig) -> Codec:
     check_rates(cfg)
-    module = Codec(cfg)
-    counts = module.apply_freezing(list(cfg.stage.trainable))
-    trainer = fit(cfg, module, TTSDataModule(tts_data_config(cfg), "audio"))
-    metrics = {"component_params": counts, "train_steps": trainer.global_step}
-    if trainer.global_rank == 0:
-        save_stage_output(cfg, module)
-        # The dev measures over the first eval.limit utterances (0: all), as the test report reads them.
-        dev = evaluate_codec(cfg, module, "dev", cfg.eval.limit)
-        metrics.update({f"dev_{k}": v for k, v in dev.items() if k != "examples"})
-        write_metrics(cfg, metrics)
-    return metrics
+    return Codec(cfg)
+
+
+def evaluate_dev(run: StageRun) -> dict:
+    """The dev measures over the first eval.limit utterances (0: all), as the test report reads them."""
+    dev = evaluate_codec(run.cfg, run.module, "dev", run.cfg.eval.limit)
+    return {f"dev_{k}": v for k, v in dev.items() if k != "examples"}
 
 
 def load_codec(cfg: DictConfig, stage: str | None = None) -> Codec:
-    """The trained codec of `cfg`'s experiment, in eval mode: the main chain's, whatever variant
-    a later stage runs (the decoder variants share one codec), unless `stage` names one."""
+    """The trained codec of `cfg`'s experiment for inference, in eval mode and without
+    discriminators: the main chain's, whatever variant a later stage runs (the decoder variants
+    share one codec), unless `stage` names one. Saved discriminator weights are left out; any
+    other saved tensor must fit."""
     if stage is None:
         stage = STAGE if cfg.stage.name == STAGE else f"{STAGE}@"
     saved = read_stage_output(cfg, stage)
-    module = Codec(cfg)
-    load_saved_weights(cfg, module, stage, saved)
+    module = Codec(cfg, with_discriminators=False)
+    load_saved_weights(cfg, module, stage, saved, leave_out=TRAINING_ONLY)
     return module.eval()
 
 
@@ -332,3 +336,12 @@ def voice_tokens(cfg: DictConfig) -> torch.Tensor:
 
 
 VOICE_FILE = "assistant_voice.json"
+
+
+STAGE_SPECS = {
+    STAGE: StageSpec(
+        build=build_stage_module,
+        data=lambda run: TTSDataModule(tts_data_config(run.cfg), "audio"),
+        evaluate=evaluate_dev,
+    )
+}

@@ -26,13 +26,12 @@ from datamodules.transcripts import BPEUnits, CharVocab, LLMTokenUnits, wer
 from modules.encoder.network import SpeechEncoder
 from modules.stage import (
     StageModule,
-    fit,
+    StageRun,
+    StageSpec,
     load_saved_weights,
-    load_stage_outputs,
     make_optimizer,
     read_stage_output,
     save_stage_output,
-    write_metrics,
 )
 from modules.tb import log_posteriorgram
 
@@ -160,23 +159,26 @@ def encoder_data_config(cfg: DictConfig, which: str = "asr") -> ASRDataConfig:
     return dataclasses.replace(data, cmvn_path=None)
 
 
-def run(cfg: DictConfig) -> dict:
+# --- the stage --------------------------------------------------------------------------------
+def build_stage_module(cfg: DictConfig) -> EncoderCTC:
+    """A fresh encoder + CTC head with the CMVN stats of `data.asr.cmvn_path` (stored with its weights)."""
     module = EncoderCTC(cfg, make_units(cfg))
     if not cfg.data.asr.cmvn_path:
         raise ValueError("stage input_1_ctc needs data.asr.cmvn_path (CMVN stats from tools.compute_cmvn)")
     module.encoder.set_cmvn(GlobalCMVN.load(cfg.data.asr.cmvn_path))
-    load_stage_outputs(cfg, module)  # none by default; e.g. a dynamic-chunk encoder from the chunk-4 one
-    oov = set().union(*(module.vocab.oov(m.get("text", "")) for _, m in iter_metadata(cfg.data.asr.dev_shards)))
+    return module
+
+
+def warn_out_of_vocabulary(run: StageRun) -> None:
+    vocab = run.module.vocab
+    oov = set().union(*(vocab.oov(m.get("text", "")) for _, m in iter_metadata(run.cfg.data.asr.dev_shards)))
     if oov:
         log.warning("transcript characters outside ctc.vocab are dropped from CTC targets: %s", sorted(oov))
-    counts = module.apply_freezing(list(cfg.stage.trainable))
-    trainer = fit(cfg, module, ASRDataModule(encoder_data_config(cfg)))
-    metrics = {"component_params": counts, "train_steps": trainer.global_step}
-    if trainer.global_rank == 0:
-        save_stage_output(cfg, module, extras={"ctc_units": units_json(module.vocab)})
-        metrics.update(evaluate_ctc_split(cfg, module, "dev", [cfg.encoder.chunk_frames]))
-        write_metrics(cfg, metrics)
-    return metrics
+
+
+def save_with_units(run: StageRun) -> None:
+    """model.pt with the CTC units, which later stages (lexical adapter, decoding) need."""
+    save_stage_output(run.cfg, run.module, extras={"ctc_units": units_json(run.module.vocab)})
 
 
 Decoder = Callable[[dict, int], list[str]]  # (batch, chunk_frames) -> hypotheses
@@ -276,3 +278,15 @@ def transcribe(module: EncoderCTC, wavs: list, sample_rate: int, chunk_frames: i
         log_probs, out_lens = module.log_probs(x, lens, chunk_frames=chunk_frames)
         out += greedy_decode(module.vocab, log_probs, out_lens)
     return out
+
+
+# init_from is empty by default; e.g. a dynamic-chunk encoder may start from the chunk-4 one.
+STAGE_SPECS = {
+    "input_1_ctc": StageSpec(
+        build=build_stage_module,
+        prepare=warn_out_of_vocabulary,
+        data=lambda run: ASRDataModule(encoder_data_config(run.cfg)),
+        save=save_with_units,
+        evaluate=lambda run: evaluate_ctc_split(run.cfg, run.module, "dev", [run.cfg.encoder.chunk_frames]),
+    )
+}

@@ -36,7 +36,7 @@ from datamodules.tokenizer import train_bpe_tokenizer
 from modules.config import run_dir
 from modules.llm.generate import accuracy_table, evaluate_repeat, evaluate_text_qa, generate_replies
 from modules.llm.hf import build_qwen2, load_llm, next_token_loss
-from modules.stage import StageModule, fit, make_optimizer, write_metrics
+from modules.stage import StageModule, StageRun, StageSpec, make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -140,28 +140,24 @@ def ensure_tokenizer(cfg: DictConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def run(cfg: DictConfig) -> dict:
-    """Train tokenizer + LLM, save them as a Hugging Face model, evaluate text QA."""
-    out = run_dir(cfg)
-    hf_dir = Path(cfg.llm.path)
-    tokenizer = train_bpe_tokenizer(tokenizer_corpus(cfg), cfg.llm.arch.vocab_size)
-    module = TextLLM(cfg, tokenizer)
-    counts = module.apply_freezing(list(cfg.stage.trainable))
-    n_params = sum(p.numel() for p in module.llm.parameters())
-    log.info("stand-in LLM: %s parameters", f"{n_params:,}")
-    datamodule = TextQADataModule(cfg.data.text_qa, tokenizer, qa_seed=cfg.corpus.seed, seed=cfg.seed)
-    trainer = fit(cfg, module, datamodule)
+def build_stage_module(cfg: DictConfig) -> TextLLM:
+    """A fresh stand-in LLM with a BPE tokenizer trained on `tokenizer_corpus`."""
+    return TextLLM(cfg, train_bpe_tokenizer(tokenizer_corpus(cfg), cfg.llm.arch.vocab_size))
 
-    if trainer.global_rank == 0:
-        hf_dir.mkdir(parents=True, exist_ok=True)
-        module.llm.save_pretrained(hf_dir)
-        tokenizer.save_pretrained(hf_dir)
-        log.info("saved the LLM to %s", hf_dir)
-    metrics = {"num_parameters": n_params, "component_params": counts, "train_steps": trainer.global_step}
-    metrics.update(evaluate(cfg))
-    write_metrics(cfg, metrics)
-    log.info("metrics written to %s", out / "metrics.json")
-    return metrics
+
+def count_parameters(run: StageRun) -> None:
+    n_params = sum(p.numel() for p in run.module.llm.parameters())
+    log.info("stand-in LLM: %s parameters", f"{n_params:,}")
+    run.metrics["num_parameters"] = n_params
+
+
+def save_hf(run: StageRun) -> None:
+    """The stage output is a Hugging Face model + tokenizer at llm.path (what every later stage loads)."""
+    hf_dir = Path(run.cfg.llm.path)
+    hf_dir.mkdir(parents=True, exist_ok=True)
+    run.module.llm.save_pretrained(hf_dir)
+    run.module.tokenizer.save_pretrained(hf_dir)
+    log.info("saved the LLM to %s", hf_dir)
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -205,3 +201,16 @@ def evaluate(cfg: DictConfig) -> dict:
         "text_qa_per_turn_depth": result["per_turn_depth"],
         "text_qa_turns": result["num_turns"],
     }
+
+
+STAGE_SPECS = {
+    "llm_text": StageSpec(
+        build=build_stage_module,
+        prepare=count_parameters,
+        data=lambda run: TextQADataModule(
+            run.cfg.data.text_qa, run.module.tokenizer, qa_seed=run.cfg.corpus.seed, seed=run.cfg.seed
+        ),
+        save=save_hf,
+        evaluate=lambda run: evaluate(run.cfg),
+    )
+}

@@ -36,13 +36,12 @@ from modules.llm.hf import load_llm
 from modules.speech_decoder.network import SpeechDecoderConfig, SpeechDecoding
 from modules.stage import (
     StageModule,
-    fit,
+    StageRun,
+    StageSpec,
     load_saved_weights,
-    load_stage_outputs,
     make_optimizer,
     read_stage_output,
-    save_stage_output,
-    write_metrics,
+    validation_metrics,
 )
 
 log = logging.getLogger(__name__)
@@ -152,15 +151,17 @@ class SpeechDecoder(SpeechDecoding, StageModule):
         return make_optimizer(self, self.cfg.optim, self.cfg.trainer.max_steps)
 
 
-def build(cfg: DictConfig) -> SpeechDecoder:
-    llm, tokenizer = load_llm(cfg.llm)
-    return SpeechDecoder(cfg, llm, tokenizer)
+def build(cfg: DictConfig, llm: tuple | None = None) -> SpeechDecoder:
+    """The decoder around `cfg`'s frozen LLM; `llm` = (model, tokenizer) shares one already loaded."""
+    model, tokenizer = llm if llm is not None else load_llm(cfg.llm)
+    return SpeechDecoder(cfg, model, tokenizer)
 
 
-def load_speech_decoder(cfg: DictConfig, with_prefix: bool = True) -> SpeechDecoder:
+def load_speech_decoder(cfg: DictConfig, with_prefix: bool = True, llm: tuple | None = None) -> SpeechDecoder:
     """The trained decoder of `cfg`'s experiment (and variant), in eval mode: output_2_decoder's
-    weights, plus output_3_prefix's when `with_prefix`."""
-    module = build(cfg)
+    weights, plus output_3_prefix's when `with_prefix`; `llm` as in `build` (the streaming engine
+    passes the speech LLM's, so the frozen LLM is loaded once)."""
+    module = build(cfg, llm)
     for stage in (DECODER, PREFIX) if with_prefix else (DECODER,):
         load_saved_weights(cfg, module, stage, read_stage_output(cfg, stage))
     return module.eval()
@@ -227,29 +228,34 @@ def answer_examples(cfg: DictConfig, split: str, codec=None) -> tuple[list[dict]
     return examples, stats
 
 
-# --- runs ---------------------------------------------------------------------------------------
-def run(cfg: DictConfig) -> dict:
-    module = build(cfg)
-    loaded = load_stage_outputs(cfg, module)
-    counts = module.apply_freezing(list(cfg.stage.trainable))
-    metrics: dict = {"component_params": counts}
-    if cfg.stage.name == DECODER:
-        data = TTSDataModule(OmegaConf.to_object(cfg.data.tts_codes), "codes")
-    else:
-        if not any(k.startswith("decoder.") for k in loaded):
-            raise ValueError(f"stage {PREFIX} trains the prefix of a trained decoder: set stage.init_from: [{DECODER}]")
-        from modules.llm.answers import ensure_llm_answers
+# --- the stages --------------------------------------------------------------------------------
+def speak_answers(run: StageRun) -> None:
+    """output_3_prefix: the spoken LLM replies of the train and dev dialogues (`answer_examples`)."""
+    cfg = run.cfg
+    if not any(k.startswith("decoder.") for k in run.loaded):
+        raise ValueError(f"stage {PREFIX} trains the prefix of a trained decoder: set stage.init_from: [{DECODER}]")
+    from modules.llm.answers import ensure_llm_answers
 
-        ensure_llm_answers(cfg)  # the LLM's replies to the training questions, cached once
-        examples, stats = {}, {}
-        for split in ("train", "dev"):
-            examples[split], stats[split] = answer_examples(cfg, split)
-        metrics["answers"] = stats
-        data = AnswerSpeechDataModule(examples, cfg.data.tts_codes.max_tokens_per_batch, cfg.seed)
-    trainer = fit(cfg, module, data)
-    metrics["train_steps"] = trainer.global_step
-    if trainer.global_rank == 0:
-        save_stage_output(cfg, module)
-        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
-        write_metrics(cfg, metrics)
-    return metrics
+    ensure_llm_answers(cfg)  # the LLM's replies to the training questions, cached once
+    examples, stats = {}, {}
+    for split in ("train", "dev"):
+        examples[split], stats[split] = answer_examples(cfg, split)
+    run.prepared["examples"] = examples
+    run.metrics["answers"] = stats
+
+
+STAGE_SPECS = {
+    DECODER: StageSpec(
+        build=build,
+        data=lambda run: TTSDataModule(OmegaConf.to_object(run.cfg.data.tts_codes), "codes"),
+        evaluate=validation_metrics,
+    ),
+    PREFIX: StageSpec(
+        build=build,
+        prepare=speak_answers,
+        data=lambda run: AnswerSpeechDataModule(
+            run.prepared["examples"], run.cfg.data.tts_codes.max_tokens_per_batch, run.cfg.seed
+        ),
+        evaluate=validation_metrics,
+    ),
+}

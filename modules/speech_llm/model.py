@@ -32,7 +32,6 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from datamodules.asr import ASRDataModule
-from datamodules.corpus.turns import IGNORE
 from datamodules.spoken_qa import PairedDataModule, SpokenQADataModule
 from datamodules.text_qa import IGNORE_INDEX, SYSTEM_PROMPT
 from datamodules.transcripts import LLMTokenUnits
@@ -41,21 +40,13 @@ from modules.encoder.ctc import CTCUnits, Decoder, ctc_loss, encoder_data_config
 from modules.encoder.network import SpeechEncoder
 from modules.llm.hf import load_llm, next_token_loss
 from modules.speech_llm.embeddings import PromptEmbedding, SpeechSpecials
-from modules.stage import (
-    StageModule,
-    fit,
-    load_stage_outputs,
-    make_optimizer,
-    read_stage_output,
-    save_stage_output,
-    write_metrics,
-)
+from modules.stage import StageModule, StageRun, StageSpec, load_stage_outputs, make_optimizer, read_stage_output
+from modules.state_classifier import StateClassifier
 
 log = logging.getLogger(__name__)
 
 ALIGN, PROMPT, STATE = "input_2_align", "input_3_prompt", "input_4_state"
 PAIRED_TASKS = {"asr": ALIGN, "qa": PROMPT}  # the parts of a stage-2 batch with the QA term, and their layouts
-NUM_STATES = 4  # the state head's outputs: listen, answer, drop and an ignored fourth (as the release)
 CHUNK_SAMPLES = 2560  # the streaming chunk: 160 ms of 16 kHz audio
 
 
@@ -128,7 +119,7 @@ class SpeechLLM(StageModule):
         self.specials = SpeechSpecials(width, reference)
         self.prompt = PromptEmbedding(cfg.speech_llm.prompt_num, width, reference)
         # The chunk-level state classifier on the LLM's last hidden state (stage input_4_state).
-        self.state_head = nn.Linear(width, NUM_STATES)
+        self.state_head = StateClassifier(width)
         self.llm = llm
         self.instruction = tokenizer(cfg.speech_llm.align_instruction, add_special_tokens=False)["input_ids"]
 
@@ -273,19 +264,13 @@ class SpeechLLM(StageModule):
         return total, first[0], first[1], extra
 
     def state_probs(self, hidden: torch.Tensor) -> torch.Tensor:
-        """P(listen, answer, drop) [..., 3] from LLM last hidden states [..., D]: a softmax over the
-        head's first three logits (the fourth is ignored, as in the release)."""
-        return self.state_head(hidden.to(self.state_head.weight.dtype))[..., :IGNORE].float().softmax(-1)
+        """P(listen, answer, drop) [..., 3] from LLM last hidden states [..., D] (`StateClassifier.probs`)."""
+        return self.state_head.probs(hidden)
 
     def state_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Stage input_4_state: CE of the head on recorded chunk-end states [N, D] (IGNORE labels
-        masked), accuracy over the three states, and the number of labelled chunks."""
-        logits = self.state_head(batch["hidden"])
-        labels = batch["labels"]
-        loss = nn.functional.cross_entropy(logits.float(), labels, ignore_index=IGNORE)
-        valid = labels != IGNORE
-        acc = ((logits[:, :IGNORE].argmax(-1) == labels) & valid).sum() / valid.sum().clamp(min=1)
-        return loss, acc, int(valid.sum())
+        """Stage input_4_state: the head's loss on a batch of recorded chunk-end states
+        (`StateClassifier.loss`): CE, accuracy over the three states, labelled chunks."""
+        return self.state_head.loss(batch["hidden"], batch["labels"])
 
     def _state_step(self, batch: dict, split: str) -> torch.Tensor:
         loss, acc, n = self.state_loss(batch)
@@ -391,7 +376,7 @@ def unit_lexicon(units: CTCUnits, tokenizer: PreTrainedTokenizerBase, table: tor
     return lexicon
 
 
-# --- stage runners ------------------------------------------------------------------------------
+# --- the stages ----------------------------------------------------------------------------------
 def build(cfg: DictConfig) -> SpeechLLM:
     """The module with a frozen LLM; with `adapter.lexical`, its lexical path starts from stage 1.
 
@@ -409,11 +394,10 @@ def build(cfg: DictConfig) -> SpeechLLM:
     return module
 
 
-def run(cfg: DictConfig) -> dict:
-    """Train stage input_2_align or input_3_prompt (by `cfg.stage.name`)."""
-    module = build(cfg)
-    load_stage_outputs(cfg, module)
-    counts = module.apply_freezing(list(cfg.stage.trainable))
+def read_answers_for_training(run: StageRun) -> None:
+    """Check the loss weights of input_2_align and give the module the cached LLM answers its
+    QA targets are (input_3_prompt, and input_2_align with the QA term)."""
+    cfg, module = run.cfg, run.module
     qa_term = module.task == ALIGN and cfg.speech_llm.align_qa_weight > 0
     if module.task == ALIGN and cfg.speech_llm.align_asr_weight <= 0 and not qa_term:
         raise ValueError("stage input_2_align needs speech_llm.align_asr_weight > 0 or align_qa_weight > 0")
@@ -422,23 +406,32 @@ def run(cfg: DictConfig) -> dict:
 
         ensure_llm_answers(cfg)
         module.llm_answers = {**read_llm_answers(cfg, "train"), **read_llm_answers(cfg, "dev")}
-    if module.task == PROMPT:
-        data = SpokenQADataModule(encoder_data_config(cfg, "spoken_qa"))
-    elif qa_term:
-        parts = {"qa": SpokenQADataModule(encoder_data_config(cfg, "spoken_qa"))}
-        if cfg.speech_llm.align_asr_weight > 0:
-            parts["asr"] = ASRDataModule(encoder_data_config(cfg, "asr"))
-        data = PairedDataModule(**parts)
-    else:
-        data = ASRDataModule(encoder_data_config(cfg, "asr"))
-    trainer = fit(cfg, module, data)
-    metrics = {"component_params": counts, "train_steps": trainer.global_step}
-    if trainer.global_rank == 0:
-        save_stage_output(cfg, module)
-        if module.task == ALIGN:
-            metrics.update(evaluate_llm_asr(cfg, module, "dev", [cfg.encoder.chunk_frames]))
-        write_metrics(cfg, metrics)
-    return metrics
+
+
+def align_data(run: StageRun) -> ASRDataModule | PairedDataModule:
+    """Transcripts (align_asr_weight), spoken QA (align_qa_weight), or both paired per batch."""
+    cfg = run.cfg
+    if cfg.speech_llm.align_qa_weight <= 0:
+        return ASRDataModule(encoder_data_config(cfg, "asr"))
+    parts = {"qa": SpokenQADataModule(encoder_data_config(cfg, "spoken_qa"))}
+    if cfg.speech_llm.align_asr_weight > 0:
+        parts["asr"] = ASRDataModule(encoder_data_config(cfg, "asr"))
+    return PairedDataModule(**parts)
+
+
+STAGE_SPECS = {
+    ALIGN: StageSpec(
+        build=build,
+        prepare=read_answers_for_training,
+        data=align_data,
+        evaluate=lambda run: evaluate_llm_asr(run.cfg, run.module, "dev", [run.cfg.encoder.chunk_frames]),
+    ),
+    PROMPT: StageSpec(
+        build=build,
+        prepare=read_answers_for_training,
+        data=lambda run: SpokenQADataModule(encoder_data_config(run.cfg, "spoken_qa")),
+    ),
+}
 
 
 def load_speech_llm(cfg: DictConfig, stages: list[str]) -> SpeechLLM:
