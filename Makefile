@@ -71,7 +71,7 @@ demo-eval: demo-eval-asr demo-eval-qa
 demo-input: setup ## the full tiny recipe of the speech-input stages (needs the corpus; ~90 min on 2 cores), Tables 1 and 3
 	$(MAKE) -j2 demo-eval
 
-# Speech output (issue 4): the codec trains on one core for most of the run while the stand-in
+# Speech output: the codec trains on one core for most of the run while the stand-in
 # LLM and the stage-1 encoder (the intelligibility judge) train on the other; then the decoder
 # with and without the pre-network, their prefix decoders, and Table 2.
 NOPRE := stage.variant=nopre speech_decoder.pre_net_layers=0
@@ -95,7 +95,7 @@ demo-eval-output: setup | $(DECODER_RUNS) demo-ctc-main demo-eval-codec
 	$(PY) infer.py eval_speech_output experiment=$(EXP) trainer.num_threads=1
 	@cat runs/$(EXP)/eval/codec.md runs/$(EXP)/eval/speech_output.md
 
-# Duplex (issue 5): the state classifier after stage 3, then a spoken exchange with the whole
+# Duplex: the state classifier after stage 3, then a spoken exchange with the whole
 # chain (two questions of a test dialogue in one file), last.
 demo-state: setup | demo-prompt
 	$(RUN1) stage=input_4_state
