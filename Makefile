@@ -6,7 +6,7 @@ EXP     ?= tiny
 CORPUS  ?= data/tiny
 PYTEST_ARGS ?=
 
-.PHONY: help setup corpus demo demo-all demo-input demo-llm demo-ctc-main demo-ctc-dynamic demo-align-main demo-align-dynamic demo-align-more demo-prompt demo-eval-asr demo-eval-qa demo-eval demo-output demo-codec demo-tokens demo-answers demo-decoder-main demo-decoder-nopre demo-prefix-main demo-prefix-nopre demo-eval-codec demo-eval-output demo-state demo-eval-state demo-chat report test bench bench-data bench-llm bench-input bench-output bench-dialogue lint format clean
+.PHONY: help setup corpus demo demo-all demo-input demo-llm demo-ctc-main demo-ctc-dynamic demo-align-main demo-align-dynamic demo-align-more demo-prompt demo-eval-asr demo-eval-qa demo-eval demo-output demo-codec demo-tokens demo-answers demo-decoder-main demo-decoder-nopre demo-prefix-main demo-prefix-nopre demo-judge demo-eval-judge demo-eval-codec demo-eval-output demo-state demo-eval-state demo-chat report test bench bench-data bench-llm bench-input bench-output bench-dialogue lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -89,11 +89,16 @@ demo-prefix-main: setup | demo-decoder-main demo-answers
 	$(RUN1) stage=output_3_prefix
 demo-prefix-nopre: setup | demo-decoder-nopre demo-answers
 	$(RUN1) stage=output_3_prefix $(NOPRE)
-demo-eval-codec: setup | demo-codec demo-ctc-main
+# The intelligibility judge (outside the chain) hears the codec's and the decoder's speech.
+demo-judge: setup
+	$(RUN1) stage=judge
+demo-eval-judge: setup | demo-judge
+	$(PY) infer.py eval_judge experiment=$(EXP) trainer.num_threads=1
+demo-eval-codec: setup | demo-codec demo-judge
 	$(PY) infer.py eval_codec experiment=$(EXP) trainer.num_threads=1
-demo-eval-output: setup | $(DECODER_RUNS) demo-ctc-main demo-eval-codec
+demo-eval-output: setup | $(DECODER_RUNS) demo-eval-judge demo-eval-codec
 	$(PY) infer.py eval_speech_output experiment=$(EXP) trainer.num_threads=1
-	@cat runs/$(EXP)/eval/codec.md runs/$(EXP)/eval/speech_output.md
+	@cat runs/$(EXP)/eval/judge.md runs/$(EXP)/eval/codec.md runs/$(EXP)/eval/speech_output.md
 
 # Duplex: the state classifier after stage 3, then a spoken exchange with the whole
 # chain (two questions of a test dialogue in one file), last.
@@ -108,7 +113,7 @@ demo-chat: setup | demo-state demo-prefix-main
 # The exchange runs beside the last evaluations; the summary prints every table once all are done.
 demo-all: demo-eval demo-eval-output demo-eval-state demo-chat
 	@echo "== demo summary (runs/$(EXP)/eval, runs/$(EXP)/chat)"
-	@cat runs/$(EXP)/eval/asr.md runs/$(EXP)/eval/spoken_qa.md runs/$(EXP)/eval/codec.md \
+	@cat runs/$(EXP)/eval/asr.md runs/$(EXP)/eval/spoken_qa.md runs/$(EXP)/eval/judge.md runs/$(EXP)/eval/codec.md \
 	  runs/$(EXP)/eval/speech_output.md runs/$(EXP)/eval/state.md runs/$(EXP)/chat/answer.md
 	@$(PY) infer.py report experiment=$(EXP) > /dev/null
 	@cat runs/$(EXP)/report.md

@@ -26,6 +26,9 @@ python infer.py eval_dialogue experiment=tiny [eval.limit=N]
 python infer.py eval_state experiment=tiny [eval.limit=N]
     State classifier (stage input_4_state) on the test turns: precision/recall, endpoint delay,
     false answers -> runs/<exp>/eval/state.{md,json}
+python infer.py eval_judge experiment=tiny [eval.limit=N]
+    The intelligibility judge (stage `judge`) on eSpeak's ground truth: its WER floor per voice
+    group (assistant voice, held-out user voices) -> runs/<exp>/eval/judge.{json,md}.
 python infer.py eval_codec experiment=tiny [eval.limit=N]
     The codec's reconstructions of the TTS test split: log-mel distance, SI-SNR, codebook use,
     and the CTC judge's WER on original vs reconstructed audio. Writes runs/<exp>/eval/codec.{json,md}.
@@ -111,6 +114,12 @@ def eval_dialogue(argv: list[str]) -> dict:
     return evaluate_dialogue(_threads(load_config(argv, stage="input_4_state")))
 
 
+def eval_judge(argv: list[str]) -> dict:
+    from evaluation.judge import evaluate_judge
+
+    return evaluate_judge(_threads(load_config(argv, stage="judge")))
+
+
 def eval_codec(argv: list[str]) -> dict:
     from evaluation.codec import report_codec
 
@@ -138,6 +147,7 @@ COMMANDS = {
     "eval_state": eval_state,
     "chat": chat,
     "eval_dialogue": eval_dialogue,
+    "eval_judge": eval_judge,
     "eval_codec": eval_codec,
     "eval_speech_output": eval_speech_output,
     "report": report,

@@ -1,5 +1,5 @@
 """The codec report (`python infer.py eval_codec`): reconstruction measures on the TTS test split
-and the CTC judge's WER on the original vs the reconstructed audio -> runs/<exp>/eval/codec.{json,md}.
+and the intelligibility judge's WER on the original vs the reconstructed audio -> runs/<exp>/eval/codec.{json,md}.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ log = logging.getLogger(__name__)
 
 
 def report_codec(cfg: DictConfig) -> dict:
-    """`python infer.py eval_codec`: `evaluate_codec` on the TTS test split, plus the CTC judge's
-    WER on the original and the reconstructed audio (when stage input_1_ctc exists)."""
+    """`python infer.py eval_codec`: `evaluate_codec` on the TTS test split, plus the judge's
+    WER on the original and the reconstructed audio (when stage `judge` has run)."""
     import json
 
     from modules.config import eval_dir
@@ -25,16 +25,16 @@ def report_codec(cfg: DictConfig) -> dict:
     result = evaluate_codec(cfg, codec, "test", cfg.eval.limit, audio)
     try:
         from datamodules.transcripts import wer
-        from modules.encoder.ctc import load_encoder_ctc, transcribe
+        from modules.encoder.ctc import load_judge, transcribe
 
-        judge = load_encoder_ctc(cfg)
+        judge = load_judge(cfg)
     except FileNotFoundError as e:
-        log.warning("no CTC judge: %s", e)
+        log.warning("no judge: %s", e)
         judge = None
     if judge is not None:
-        chunk, rate, refs = int(cfg.encoder.chunk_frames), codec.codec_cfg.sample_rate, audio["texts"]
-        result["judge_wer_original"] = wer(transcribe(judge, audio["originals"], rate, chunk), refs)
-        result["judge_wer_reconstructed"] = wer(transcribe(judge, audio["reconstructions"], rate, chunk), refs)
+        rate, refs = codec.codec_cfg.sample_rate, audio["texts"]
+        result["judge_wer_original"] = wer(transcribe(judge, audio["originals"], rate), refs)
+        result["judge_wer_reconstructed"] = wer(transcribe(judge, audio["reconstructions"], rate), refs)
     lines = [
         f"### Codec reconstructions of the TTS test split ({result['utterances']} utterances, "
         f"{result['bits_per_second']:.0f} bit/s)",

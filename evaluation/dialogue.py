@@ -6,7 +6,7 @@ ends it (a turn it drops or never ends gets no answer and counts as wrong); the 
 generated and spoken as in `infer.py chat`, with the conversation in the context. Three
 accuracies, one checker (`datamodules.corpus.answers.check_answer`):
 
-* speech in -> speech out: the reply's audio transcribed by the stage-1 CTC judge;
+* speech in -> speech out: the reply's audio transcribed by the intelligibility judge (stage `judge`);
 * speech in -> text out: the reply's text (the same replies);
 * text in -> text out: the frozen LLM on the text of the same questions (Table 3's text row).
 
@@ -26,7 +26,7 @@ from datamodules.spoken_qa import read_dialogues
 from evaluation.spoken_qa import spoken_test_dialogues
 from evaluation.state import evaluate_state
 from modules.config import eval_dir
-from modules.encoder.ctc import load_encoder_ctc, transcribe
+from modules.encoder.ctc import load_judge, transcribe
 from modules.llm.generate import evaluate_text_qa
 from modules.speech_llm.model import CHUNK_SAMPLES
 from server.chat import OUTPUT_RATE, latency_table, with_listening_tail
@@ -34,8 +34,7 @@ from server.engine import DuplexModel
 
 
 def dialogue_records(cfg: DictConfig, model: DuplexModel, judge, limit: int = 0) -> list[dict]:
-    """One record per test turn; `judge` (the stage-1 CTC model) hears the replies' audio."""
-    chunk = int(cfg.encoder.chunk_frames)
+    """One record per test turn; `judge` (`load_judge`) hears the replies' audio."""
     records = []
     for sample in spoken_test_dialogues(cfg, limit, "spoken dialogues (speech in, speech out)"):
         session = model.new_session()
@@ -51,7 +50,7 @@ def dialogue_records(cfg: DictConfig, model: DuplexModel, judge, limit: int = 0)
                 model.drop_turn(session)  # never decided within the silence after the question
             heard = ""
             if reply is not None and len(reply.audio):
-                heard = transcribe(judge, [reply.audio], OUTPUT_RATE, chunk)[0]
+                heard = transcribe(judge, [reply.audio], OUTPUT_RATE)[0]
             text = reply.text if reply is not None else ""
             records.append({
                 "id": sample["key"], "turn": k, "question": turn["question"], "family": turn["family"],
@@ -66,7 +65,7 @@ def dialogue_records(cfg: DictConfig, model: DuplexModel, judge, limit: int = 0)
 def evaluate_dialogue(cfg: DictConfig) -> dict:
     model = DuplexModel.load(cfg)
     limit = int(cfg.eval.limit)
-    records = dialogue_records(cfg, model, load_encoder_ctc(cfg), limit)
+    records = dialogue_records(cfg, model, load_judge(cfg), limit)
     dialogues = read_dialogues(cfg.data.spoken_qa.test_shards)[: limit or None]
     llm = model.llm
     text = evaluate_text_qa(
@@ -102,7 +101,7 @@ def evaluate_dialogue(cfg: DictConfig) -> dict:
         "",
         "| input -> output | accuracy |",
         "|---|---|",
-        f"| speech -> speech (the reply's audio, heard by the CTC judge) | {result['speech_to_speech_accuracy']:.3f} |",
+        f"| speech -> speech (the reply's audio, heard by the judge) | {result['speech_to_speech_accuracy']:.3f} |",
         f"| speech -> text (the same replies' text) | {result['speech_to_text_accuracy']:.3f} |",
         f"| text -> text (the frozen LLM on the questions' text) | {result['text_to_text_accuracy']:.3f} |",
         "",

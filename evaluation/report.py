@@ -13,7 +13,7 @@ Sources (all under runs/<exp>/):
 | text_qa_accuracy | llm_text/metrics.json | text_qa_accuracy |
 | asr_wer | eval/asr.json | the main chain's rows (variant ""): wer_chunk_full, wer_chunk_4 |
 | spoken_qa | eval/spoken_qa.json | speech_accuracy, text_accuracy |
-| speech_output | eval/speech_output.json | judge_chunk_frames, floor_wer, codec_resynthesis_wer, best_wer |
+| speech_output | eval/speech_output.json | judge, floor_wer, codec_resynthesis_wer, best_wer |
 | dialogue | eval/dialogue.json | speech_to_speech/speech_to_text/text_to_text_accuracy, answered |
 | state | eval/state.json (else dialogue.json's state_classifier) | answered_questions, cut_in_rate, false_answer_rate, endpoint_delay_ms.p50 |
 | latency_ms | eval/dialogue.json records (else chat/answer.json turns) | latency_ms.total of every answer |
@@ -134,10 +134,7 @@ def build_report(exp_dir: Path, experiment: str, commit: str | None = None, cpu:
     s = read_sources(exp_dir)
     so, dlg = s["speech_output"], s["dialogue"]
     state = s["state"] if s["state"] is not None else _get(dlg, "state_classifier")
-    judge = None
-    if so is not None:
-        frames = so.get("judge_chunk_frames")
-        judge = f"input_1_ctc CTC greedy, chunk {frames} ({40 * frames} ms)" if frames else "input_1_ctc CTC greedy"
+    judge = so.get("judge") if so is not None else None
     lat = percentiles(answer_latencies_ms(s)[0])
     return {
         "experiment": experiment,

@@ -2,9 +2,9 @@
 
 The frozen LLM answers the *text* of the spoken-QA test questions (multi-round, greedy, its
 own replies in the context); the speech decoder speaks each reply and the codec turns the
-tokens into 24 kHz audio in the assistant voice. The judge is the stage input_1_ctc model (CTC
-greedy at the streaming chunk size); its WER on the replies spoken by eSpeak in the assistant
-voice is the floor. Rows: the decoder without/with the LLM-hidden-state prefix, each without/with
+tokens into 24 kHz audio in the assistant voice. The judge is stage `judge` (a full-context CTC
+model outside the chain, `evaluation/judge.py`); its WER on the replies spoken by eSpeak in the
+assistant voice is the floor. Rows: the decoder without/with the LLM-hidden-state prefix, each without/with
 the pre-network (the `nopre` variant of the decoder chain), over decoder top-k 1..5.
 
 Writes runs/<exp>/eval/speech_output.json and speech_output.md, and a few generated wavs.
@@ -28,7 +28,7 @@ from datamodules.text_qa import chat_messages
 from datamodules.transcripts import wer
 from modules.codec.stage import load_codec, voice_tokens
 from modules.config import eval_dir
-from modules.encoder.ctc import load_encoder_ctc, transcribe
+from modules.encoder.ctc import JUDGE_LABEL, load_judge, transcribe
 from modules.llm.generate import evaluate_text_qa
 from modules.llm.hf import load_llm
 from modules.speech_decoder.stage import load_speech_decoder
@@ -84,18 +84,17 @@ def speak(decoder, codec, voice: torch.Tensor, items: list[dict], prefix: bool, 
 def evaluate_speech_output(cfg: DictConfig) -> dict:
     turns = cfg.eval.speech_output_turns
     top_ks = list(cfg.eval.top_ks)
-    chunk = int(cfg.encoder.chunk_frames)
     items = test_replies(cfg, turns)
     refs = [x["text"] for x in items]
-    judge = load_encoder_ctc(cfg)
+    judge = load_judge(cfg)
     codec = load_codec(cfg)
     rate = codec.codec_cfg.sample_rate
     voice = voice_tokens(cfg)
     tts = ESpeak()
     truth = [assistant_speech(t, rate, tts) for t in tqdm(refs, desc="eSpeak replies", unit="reply")]
-    floor = wer(transcribe(judge, truth, rate, chunk), refs)
+    floor = wer(transcribe(judge, truth, rate), refs)
     resynth = [codec.decode(codec.encode(torch.from_numpy(w)[None, None])[0], voice)[0, 0].numpy() for w in truth]
-    codec_wer = wer(transcribe(judge, resynth, rate, chunk), refs)
+    codec_wer = wer(transcribe(judge, resynth, rate), refs)
     out_dir = eval_dir(cfg) / "speech_output"
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, missing = [], []
@@ -115,7 +114,7 @@ def evaluate_speech_output(cfg: DictConfig) -> dict:
         row = {"row": label, "variant": variant, "prefix": prefix, "wer": {}}
         for k in tqdm(top_ks, desc=label, unit="top-k"):
             wavs = speak(decoder, codec, voice, items, prefix, k, cfg.seed)
-            hyps = transcribe(judge, wavs, rate, chunk)
+            hyps = transcribe(judge, wavs, rate)
             row["wer"][str(k)] = wer(hyps, refs)
             row.setdefault("seconds", {})[str(k)] = round(sum(len(w) for w in wavs) / rate, 1)
             if k == cfg.speech_decoder.top_k:
@@ -130,7 +129,7 @@ def evaluate_speech_output(cfg: DictConfig) -> dict:
         raise FileNotFoundError("no trained speech decoder to evaluate: " + "; ".join(missing))
     best = min(v for r in rows for v in r["wer"].values())
     lines = [
-        f"### Intelligibility of the generated speech (Table 2 shape): WER of the input_1 CTC judge, {len(items)} replies",
+        f"### Intelligibility of the generated speech (Table 2 shape): WER of the judge, {len(items)} replies",
         "",
         f"Floor (the replies spoken by eSpeak in the assistant voice): {100 * floor:.1f}%; "
         f"through the codec (encode + decode): {100 * codec_wer:.1f}%; best row {100 * best:.1f}% "
@@ -152,7 +151,7 @@ def evaluate_speech_output(cfg: DictConfig) -> dict:
     lines += [f"| {r['row']} | " + " | ".join(f"{100 * r['wer'][str(k)]:.1f}%" for k in top_ks) + " |" for r in rows]
     table = "\n".join(lines) + "\n"
     result = {
-        "replies": len(items), "judge_chunk_frames": chunk, "floor_wer": floor, "codec_resynthesis_wer": codec_wer,
+        "replies": len(items), "judge": JUDGE_LABEL, "floor_wer": floor, "codec_resynthesis_wer": codec_wer,
         "best_wer": best, "best_over_floor": best / max(floor, 1e-9), "rows": rows, "missing": missing,
         "table": table,
     }  # fmt: skip

@@ -297,6 +297,11 @@ def load_config(argv: list[str] | None = None, config_dir: Path = CONFIG_DIR, **
     return cfg
 
 
+def saved_config(run_config: dict) -> DictConfig:
+    """The structured config of a checkpoint's `run_config` (what a stage was trained with)."""
+    return _merge(OmegaConf.structured(RunConfig), run_config, "the saved run config")
+
+
 def run_dir(cfg: DictConfig, stage: str | None = None) -> Path:
     """runs/<experiment>/<stage>[-<variant>]/: config, checkpoints, TensorBoard logs, metrics.json.
 

@@ -422,6 +422,7 @@ STAGES = StageRegistry(
     {
         "llm_text": "modules.llm.stand_in",
         "input_1_ctc": "modules.encoder.ctc",
+        "judge": "modules.encoder.ctc",
         "input_2_align": "modules.speech_llm.model",
         "input_3_prompt": "modules.speech_llm.model",
         "input_4_state": "modules.state_classifier",

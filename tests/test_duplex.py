@@ -164,7 +164,7 @@ def test_trained_chain_chats_and_is_evaluated_end_to_end(duplex_args, tmp_path, 
             "codec.disc_period_widths=[2,4,4,4]", "codec.disc_periods=[2,3]", "codec.disc_scales=1",
             "codec.disc_scale_width=4", "eval.limit=2"]  # fmt: skip
     reference_answers(load_config(["stage=input_4_state", *args]))  # the mini LLM's "own" answers
-    for stage in ("input_1_ctc", "input_2_align", "input_3_prompt", "input_4_state", "output_1_codec"):
+    for stage in ("input_1_ctc", "judge", "input_2_align", "input_3_prompt", "input_4_state", "output_1_codec"):
         train.main([f"stage={stage}", *args])
     write_codec_tokens(load_config(["stage=output_1_codec", *args]), voice_utterances=4, progress=False)
     for stage in ("output_2_decoder", "output_3_prefix"):

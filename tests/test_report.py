@@ -46,7 +46,7 @@ def fake_eval(exp_dir, dialogue: bool = False) -> None:
     ]})  # fmt: skip
     _write(exp_dir / "eval" / "spoken_qa.json", {"speech_accuracy": 0.25, "text_accuracy": 0.5})
     _write(exp_dir / "eval" / "speech_output.json",
-           {"judge_chunk_frames": 4, "floor_wer": 0.2, "codec_resynthesis_wer": 0.35, "best_wer": 0.3})  # fmt: skip
+           {"judge": "stage judge: full-context CTC greedy", "floor_wer": 0.2, "codec_resynthesis_wer": 0.35, "best_wer": 0.3})  # fmt: skip
     _write(exp_dir / "eval" / "state.json", {"answered_questions": 0.75, "cut_in_rate": 0.125,
            "false_answer_rate": 0.0625, "endpoint_delay_ms": {"n": 3, "avg": 500.0, "p50": 480.0, "p90": 600.0}})  # fmt: skip
     _write(exp_dir / "chat" / "answer.json", {"turns": [{"latency_ms": {"total": t}} for t in (100.0, 200.0, 300.0)]})
@@ -84,7 +84,7 @@ def test_values_come_from_the_evaluation_files(tmp_path):
     assert report["speech_output"]["floor_wer"] == 0.2
     assert report["speech_output"]["codec_wer"] == 0.35
     assert report["speech_output"]["best_wer"] == 0.3
-    assert "chunk 4" in report["speech_output"]["judge"]
+    assert report["speech_output"]["judge"] == "stage judge: full-context CTC greedy"
     assert report["state"] == {"answered_after_end": 0.75, "cut_in": 0.125, "false_answer": 0.0625,
                                "endpoint_delay_ms_p50": 480.0}  # fmt: skip
     assert set(report["dialogue"].values()) == {None}  # eval_dialogue was not run

@@ -331,7 +331,7 @@ def test_table2_and_codec_report_run_on_the_trained_chain(decoder_args, monkeypa
     from evaluation.codec import report_codec
 
     args = [*decoder_args, "eval.speech_output_turns=3", "eval.top_ks=[1,2]", "speech_decoder.max_tokens=30"]
-    for stage in ("input_1_ctc", "output_1_codec"):
+    for stage in ("judge", "output_1_codec"):
         train.main([f"stage={stage}", *args])
     cfg = load_config(["stage=output_3_prefix", *args])
     write_codec_tokens(cfg, voice_utterances=4, progress=False)

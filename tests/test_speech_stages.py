@@ -6,6 +6,8 @@ stage output holds only trainable weights plus the resolved config; a stage load
 previous stage's output and names both sizes when they disagree.
 """
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -394,3 +396,27 @@ def test_state_decision_rule_checks_drop_first():
     assert decide(p[[0, 2]], 0.5, 0.5) == (DROP, 1)
     assert decide(torch.tensor([[0.2, 0.45, 0.55]]), 0.4, 0.5) == (DROP, 0)  # both fire: state 2 wins
     assert decide(p[:1], 0.5, 0.5) == (LISTEN, 1)
+
+
+def test_the_judge_hears_both_voice_groups_at_full_context_and_loads_from_its_own_config(speech_args):
+    """Stage `judge`: trained on the ASR voices plus the assistant voice's training split (its
+    BPE units see both), full context; `load_judge` rebuilds it from the config it was trained
+    with even where the evaluating config's encoder differs; `eval_judge` reports one floor per
+    voice group."""
+    import infer
+    from datamodules.shards.reader import iter_metadata
+    from modules.encoder.ctc import load_judge
+
+    cfg = load_config(["stage=judge", *speech_args])
+    assert cfg.encoder.chunk_frames == 0 and cfg.ctc.units == "bpe"
+    metrics = train.main(["stage=judge", *speech_args, "ctc.bpe_vocab_size=64"])
+    assert {"ctc_wer_dev_chunkfull", "ctc_wer_assistant_dev_chunkfull"} <= set(metrics)
+    saved = torch.load(Path(cfg.run_root) / "tiny" / "judge" / "model.pt", weights_only=True)
+    assert "tts/train" in saved["run_config"]["data"]["asr"]["train_shards"]
+    tts_words = {w for _, m in iter_metadata(cfg.data.tts.train_shards) for w in m["text"].split()}
+    judge = load_judge(load_config(["stage=output_3_prefix", *speech_args, "encoder.d_model=32"]))
+    assert judge.encoder.cfg.d_model == 16 and judge.encoder.cfg.chunk_frames == 0 and not judge.training
+    assert all(judge.vocab.encode(w) for w in list(tts_words)[:20])  # the assistant's words are spellable
+    floors = infer.main(["eval_judge", *speech_args, "eval.limit=3"])
+    assert set(floors) == {"assistant voice (TTS test)", "held-out user voices (ASR test)"}
+    assert all(r["utterances"] == 3 and r["wer"] >= 0 for r in floors.values())

@@ -2,13 +2,7 @@
 
     python -m tools.make_llm_answers experiment=tiny [llm.path=DIR] [key=value ...]
 
-Stage input_3_prompt teaches the prompt vectors to make the LLM answer a spoken question the
-way it answers the same question in text, so its targets are the LLM's own replies, not the
-corpus's reference answers (the paper did the same). Each dialogue is answered turn by turn,
-with the LLM's own earlier replies in the context, in greedy decoding. Reads the question
-text from the spoken-QA shards' JSON (no audio is decoded) and writes
-`<speech_llm.answers_dir>/{train,dev}.jsonl` ({"id", "replies"}) plus `meta.json` naming the
-LLM; a later call with the same LLM and shards reuses them.
+What they are for, how they are made and where they go: `modules.llm.answers`.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from datamodules.asr import ASRDataConfig, ASRDataModule
 from datamodules.features import GlobalCMVN
 from datamodules.shards.reader import iter_metadata
 from datamodules.transcripts import BPEUnits, CharVocab, LLMTokenUnits, wer
+from modules.config import saved_config
 from modules.encoder.network import SpeechEncoder
 from modules.stage import (
     StageModule,
@@ -242,6 +243,45 @@ def load_encoder_ctc(cfg: DictConfig, stage: str = "input_1_ctc") -> EncoderCTC:
     return module.eval()
 
 
+# --- the intelligibility judge ------------------------------------------------------------------
+JUDGE = "judge"
+JUDGE_LABEL = "stage judge: full-context CTC greedy"  # how reports name it
+
+
+def judge_train_shards(cfg: DictConfig) -> str:
+    """The judge's training audio: the ASR training voices plus the assistant voice's training split."""
+    return f"{cfg.data.asr.train_shards}::{cfg.data.tts.train_shards}"
+
+
+def build_judge(cfg: DictConfig) -> EncoderCTC:
+    """A fresh judge: its BPE units and its data come from `judge_train_shards` (written into the
+    run's config, which model.pt keeps)."""
+    if "::" not in str(cfg.data.asr.train_shards):
+        OmegaConf.update(cfg, "data.asr.train_shards", judge_train_shards(cfg))
+    return build_stage_module(cfg)
+
+
+def load_judge(cfg: DictConfig) -> EncoderCTC:
+    """The trained judge of `cfg`'s experiment, in eval mode, built from the config it was trained
+    with (its encoder need not match the chain's)."""
+    saved = read_stage_output(cfg, JUDGE)
+    judge_cfg = saved_config(saved["run_config"])
+    module = EncoderCTC(judge_cfg, units_from_json(saved.get("ctc_units")))
+    load_saved_weights(judge_cfg, module, JUDGE, saved)
+    return module.eval()
+
+
+def evaluate_judge_dev(run: StageRun) -> dict:
+    """Full-context WER on the dev splits: user voices (ASR) and the assistant voice (TTS)."""
+    cfg, module = run.cfg, run.module
+    out = evaluate_ctc_split(cfg, module, "dev", [0])
+    tts_cfg = cfg.copy()
+    OmegaConf.update(tts_cfg, "data.asr.dev_shards", cfg.data.tts.dev_shards)
+    assistant = evaluate_ctc_split(tts_cfg, module, "dev", [0])
+    out.update({k.replace("_dev_", "_assistant_dev_"): v for k, v in assistant.items()})
+    return out
+
+
 def units_json(units: CTCUnits) -> str:
     if isinstance(units, BPEUnits):
         return json.dumps({"bpe": units.to_json()})
@@ -288,5 +328,12 @@ STAGE_SPECS = {
         data=lambda run: ASRDataModule(encoder_data_config(run.cfg)),
         save=save_with_units,
         evaluate=lambda run: evaluate_ctc_split(run.cfg, run.module, "dev", [run.cfg.encoder.chunk_frames]),
-    )
+    ),
+    JUDGE: StageSpec(
+        build=build_judge,
+        prepare=warn_out_of_vocabulary,
+        data=lambda run: ASRDataModule(encoder_data_config(run.cfg)),
+        save=save_with_units,
+        evaluate=evaluate_judge_dev,
+    ),
 }
