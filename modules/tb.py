@@ -30,13 +30,18 @@ def log_audio(writer, tag: str, wav: torch.Tensor | np.ndarray, sample_rate: int
     writer.add_audio(tag, wav[None], step, sample_rate=sample_rate)
 
 
-def log_spectrograms(writer, tag: str, spectra: dict[str, torch.Tensor], step: int) -> None:
+def spectrogram_figure(spectra: dict[str, torch.Tensor | np.ndarray]) -> Figure:
     """Log-mel spectrograms [n_mels, frames], one panel per entry, in one figure."""
     fig = Figure(figsize=(10, 2.5 * len(spectra)), layout="constrained")
     axes = fig.subplots(len(spectra), 1, squeeze=False)
     for ax, (name, spec) in zip(axes[:, 0], spectra.items()):
-        ax.imshow(spec.detach().float().cpu().numpy(), origin="lower", aspect="auto", interpolation="nearest")
+        spec = torch.as_tensor(spec).detach().float().cpu().numpy()
+        ax.imshow(spec, origin="lower", aspect="auto", interpolation="nearest")
         ax.set_title(name)
         ax.set_ylabel("mel bin")
     axes[-1, 0].set_xlabel("frame")
-    writer.add_figure(tag, fig, step, close=False)
+    return fig
+
+
+def log_spectrograms(writer, tag: str, spectra: dict[str, torch.Tensor], step: int) -> None:
+    writer.add_figure(tag, spectrogram_figure(spectra), step, close=False)

@@ -138,3 +138,70 @@ def test_log_mel_puts_a_tone_in_its_band():
     assert spec.shape == (1, 80, 101)
     peak = int(spec[0, :, 50].argmax())
     assert bank[peak, round(1000 / (12000 / 512))] > 0  # the loudest band holds 1 kHz
+
+
+ISTFT = CodecConfig(dim=32, global_dim=8, global_groups=2, generator="istft", encoder="mel", istft_width=16,
+                    istft_layers=2, mel_encoder_layers=1)  # fmt: skip
+
+
+def test_istft_generator_gives_600_samples_per_token_and_uses_the_voice_vector():
+    from modules.codec.network import ISTFTGenerator, build_generator
+
+    torch.manual_seed(0)
+    gen = build_generator(ISTFT).eval()
+    assert isinstance(gen, ISTFTGenerator) and gen.up == 2  # 600 / 300: two frames per token
+    x, voice = torch.randn(2, 32, 7), torch.randn(2, 8)
+    with torch.no_grad():
+        y, other = gen(x, voice), gen(x, torch.randn(2, 8))
+    assert y.shape == (2, 1, 7 * 600) and y.abs().max() <= 1 and not torch.allclose(y, other)
+    odd = build_generator(CodecConfig(**{**ISTFT.__dict__, "istft_hop": 200, "istft_n_fft": 800}))
+    assert odd(x, voice).shape == (2, 1, 7 * 600)  # three frames per token (an odd factor)
+    with pytest.raises(ValueError, match="must divide the token hop 600"):
+        build_generator(CodecConfig(**{**ISTFT.__dict__, "istft_hop": 256}))
+    with pytest.raises(ValueError, match="'hifigan' or 'istft'"):
+        build_generator(CodecConfig(generator="vocos"))
+
+
+@pytest.mark.parametrize("samples", [600, 600 * 5, 24000])
+def test_mel_encoder_gives_one_vector_per_600_samples_and_a_voice_feature(samples):
+    from modules.codec.network import build_encoder
+
+    torch.manual_seed(0)
+    enc = build_encoder(ISTFT).eval()
+    with torch.no_grad():
+        local, voice = enc(torch.randn(3, 1, samples))
+    assert local.shape == (3, 32, samples // 600) and voice.shape == (3, 8)
+    with pytest.raises(ValueError, match="'wave' or 'mel'"):
+        build_encoder(CodecConfig(encoder="spectrum"))
+
+
+def test_multi_resolution_stft_loss_is_zero_on_the_same_audio_and_grows_with_the_error():
+    from modules.codec.network import MultiResolutionSTFTLoss
+
+    torch.manual_seed(0)
+    loss = MultiResolutionSTFTLoss([[256, 64], [512, 128]])
+    x = torch.randn(2, 1, 4800) * 0.1
+    small, large = loss(x + 0.01 * torch.randn_like(x), x), loss(x + 0.1 * torch.randn_like(x), x)
+    assert float(loss(x, x)) == pytest.approx(0.0, abs=1e-6) and 0 < float(small) < float(large)
+
+
+def test_the_codec_trains_with_the_istft_generator_and_the_stft_loss():
+    """One generator step of the Codec module's objective moves its loss, on the cheap blocks."""
+    from modules.codec.stage import Codec
+    from modules.config import load_config
+
+    torch.manual_seed(0)
+    sizes = ["codec.dim=32", "codec.global_dim=8", "codec.global_groups=2", "codec.istft_width=16"]
+    cfg = load_config(["stage=output_1_codec", "experiment=tiny", "codec.generator=istft", "codec.encoder=mel",
+                       "codec.stft_weight=1.0", *sizes])  # fmt: skip
+    codec = Codec(cfg, with_discriminators=False).train()
+    x = torch.randn(4, 1, 6000).tanh() * 0.3
+    opt = torch.optim.Adam([p for p in codec.parameters() if p.requires_grad], 3e-3)
+    losses = []
+    for _ in range(8):
+        loss, logs = codec.generator_objective(x, codec.reconstruct(x))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert "train/stft" in logs and losses[-1] < losses[0]

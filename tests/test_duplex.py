@@ -35,6 +35,7 @@ def duplex_args(speech_args) -> list[str]:
     return [
         *speech_args,
         "codec.dim=32", "codec.encoder_channels=4", "codec.encoder_resblock_kernels=[3]", "codec.resblock_kernels=[3]",
+        "codec.istft_width=16", "codec.istft_layers=1", "codec.mel_encoder_layers=1",
         "codec.global_dim=8", "codec.global_groups=2", "codec.global_codebook_size=16", "codec.codebook_size=64",
         "speech_decoder.dim=16", "speech_decoder.num_heads=2", "speech_decoder.ffn_dim=32",
         "speech_decoder.codebook_size=64", "speech_decoder.dropout=0.0",
@@ -107,6 +108,28 @@ def test_an_answer_is_spoken_with_its_latency_marks(duplex_args):
     assert len(reply.audio) == sum(len(c) for _, c in reply.pcm_chunks) == 600 * len(reply.audio) // 600
     table = latency_table([{"latency_ms": reply.latency_ms}])
     assert "state-1 decision -> first PCM" in table
+
+
+def test_an_answer_shorter_than_one_fifo_window_is_spoken(duplex_args, monkeypatch):
+    """A reply whose codec tokens never fill the first window (here 7 tokens against 40) is
+    decoded whole at the end of its segment, not dropped."""
+    model = _model(duplex_args, "speech_llm.state_answer_threshold=-1", "speech_llm.state_drop_threshold=2",
+                   "duplex.first_chunk_tokens=40", "duplex.chunk_tokens=40")  # fmt: skip
+    generate = model.decoder.generate
+
+    def seven_tokens(*args, on_token=None, **kw):  # the decoder says 7 codes, then EOS
+        for step in range(7):
+            on_token(step, torch.tensor([step + 3]))
+        kw["max_tokens"] = 0
+        return generate(*args, **kw)
+
+    monkeypatch.setattr(model.decoder, "generate", seven_tokens)
+    s = model.new_session()
+    assert [e.kind for e in model.feed(s, _speech(0.8))] == ["turn_start", "answer"]
+    reply = _say(model, s, "Yes.")
+    assert reply.segments == ["Yes."] and len(reply.audio) == 7 * 600
+    expected = model.codec.decode(torch.tensor([[3, 4, 5, 6, 7, 8, 9]]), model.voice)[0, 0].numpy()
+    np.testing.assert_allclose(reply.audio, expected, atol=1e-5)
 
 
 def test_chat_file_lays_answers_on_the_input_timeline(duplex_args):

@@ -38,6 +38,9 @@ def codec_args(speech_args) -> list[str]:
         *speech_args,
         "codec.dim=32",
         "codec.encoder_channels=4",
+        "codec.istft_width=16",
+        "codec.istft_layers=1",
+        "codec.mel_encoder_layers=1",
         "codec.encoder_resblock_kernels=[3]",
         "codec.resblock_kernels=[3]",
         "codec.global_dim=8",
@@ -139,8 +142,27 @@ def test_codec_stage_trains_writes_tokens_and_refuses_another_size(codec_args, t
     small = write_codec_tokens(cut, voice_utterances=4, progress=False)
     assert small["train"]["utterances"] == small["dev"]["utterances"] == 2 and "test" not in small
 
-    with pytest.raises(ValueError, match=r"quantizer.codebook: output_1_codec saved \(64, 32\), this model has"):
+    with pytest.raises(ValueError, match=r"encoder.conv_pre.bias: output_1_codec saved \(32,\), this model has \(16,\)(.|\n)*"
+                                         r"codec.dim: 32 -> 16"):  # fmt: skip
+        load_codec(load_config(["stage=output_1_codec", *codec_args, "codec.dim=16"]))
+    # what the decoder depends on (rate, token rate, codebook) is checked first, both sides named
+    with pytest.raises(ValueError, match=r"has codebook_size 64; stage output_1_codec expects codebook_size 128"):
         load_codec(load_config(["stage=output_1_codec", *codec_args, "codec.codebook_size=128"]))
+    from modules.codec.stage import check_codec_fits
+
+    decoder_cfg = ["stage=output_2_decoder", *codec_args, "speech_decoder.codebook_size=64"]
+    check_codec_fits(load_config(decoder_cfg), saved)  # the same codec: no complaint
+    for change, message in [
+        (["codec.sample_rate=16000", "data.tts.sample_rate=16000"],
+         "has sample_rate 24000, tokens_per_second 40; stage output_2_decoder expects sample_rate 16000, "
+         "tokens_per_second 26.6667"),
+        (["codec.encoder_strides=[3,5,5,4]", "codec.upsample_rates=[4,5,5,3]"],
+         "has tokens_per_second 40; stage output_2_decoder expects tokens_per_second 80"),
+        (["codec.codebook_size=128", "speech_decoder.codebook_size=128"],
+         "has codebook_size 64; stage output_2_decoder expects codebook_size 128"),
+    ]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            check_codec_fits(load_config([*decoder_cfg, *change]), saved)
     with pytest.raises(ValueError, match=r"data\.tts\.sample_rate 16000 differs from codec\.sample_rate 24000"):
         train.main(["stage=output_1_codec", *codec_args, "data.tts.sample_rate=16000"])
 

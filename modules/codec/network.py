@@ -35,6 +35,20 @@ class CodecConfig:
     resblock_kernels: list[int] = field(default_factory=lambda: [3, 7, 11])
     resblock_dilations: list[int] = field(default_factory=lambda: [1, 3, 5])
     encoder_resblock_kernels: list[int] = field(default_factory=lambda: [3, 7, 11])  # fewer = cheaper encoder
+    # "hifigan": the paper's generator (transposed convs at the sample rate, below);
+    # "istft": ConvNeXt blocks at istft_hop and an inverse STFT (Vocos-style): most of its work
+    # runs at 80 frames a second instead of 24,000 samples, so a CPU trains it in minutes
+    generator: str = "hifigan"
+    istft_hop: int = 300  # a divisor of the token hop: frames per token = token hop / istft_hop
+    istft_n_fft: int = 1200
+    istft_width: int = 256
+    istft_layers: int = 8
+    # "wave": the paper's encoder (strided convs over the waveform, below); "mel": ConvNeXt blocks
+    # over a log-mel spectrogram at mel_encoder_hop, then a strided conv down to the token rate
+    # (a CPU encodes a second of audio in a few milliseconds)
+    encoder: str = "wave"
+    mel_encoder_hop: int = 200  # a divisor of the token hop
+    mel_encoder_layers: int = 4
     codebook_size: int = 1024
     global_dim: int = 128  # voice vector; added in the generator where the channels equal it
     global_groups: int = 8
@@ -47,9 +61,14 @@ class CodecConfig:
     disc_period_widths: list[int] = field(default_factory=lambda: [32, 128, 512, 1024])
     disc_scales: int = 3
     disc_scale_width: int = 128
+    disc_segment: int = 0  # samples per item the discriminators judge (a random window); 0: the whole crop
     # generator loss = mel_weight * log-mel L1 + commitment_weight * VQ
     #                  (+ adversarial_weight * LSGAN + feature_weight * feature matching from step adversarial_start)
     mel_weight: float = 45.0
+    # + stft_weight * multi-resolution STFT loss (spectral convergence + log-magnitude L1) over
+    # (n_fft, hop) pairs; 0 turns it off
+    stft_weight: float = 0.0
+    stft_resolutions: list[list[int]] = field(default_factory=lambda: [[512, 120], [1024, 240], [2048, 480]])
     adversarial_weight: float = 1.0
     feature_weight: float = 2.0
     adversarial_start: int = 0
@@ -114,6 +133,69 @@ class Generator(nn.Module):
         return torch.tanh(self.conv_post(F.leaky_relu(x, 0.01)))
 
 
+class ConvNeXtBlock(nn.Module):
+    """Depthwise conv (kernel 7) -> LayerNorm -> pointwise MLP (x4, GELU) -> layer scale, residual."""
+
+    def __init__(self, dim: int, layer_scale: float):
+        super().__init__()
+        self.dwconv = nn.Conv1d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim)
+        self.up, self.down = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        self.scale = nn.Parameter(torch.full((dim,), layer_scale))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(self.dwconv(x).transpose(1, 2))
+        y = self.down(F.gelu(self.up(y))) * self.scale
+        return x + y.transpose(1, 2)
+
+
+class ISTFTGenerator(nn.Module):
+    """Code vectors [B, dim, T] (+ voice vector) -> waveform [B, 1, hop T] through an inverse STFT.
+
+    Each token becomes `hop / istft_hop` frames (a transposed conv); ConvNeXt blocks at that
+    frame rate, with the voice vector added at their input, predict every frame's log-magnitude
+    and phase of `istft_n_fft // 2 + 1` bins; `torch.istft` (Hann window) makes the samples.
+    """
+
+    def __init__(self, cfg: CodecConfig):
+        super().__init__()
+        hop = hop_length(cfg)
+        if hop % cfg.istft_hop:
+            raise ValueError(f"codec.istft_hop {cfg.istft_hop} must divide the token hop {hop}")
+        self.n_fft, self.hop, self.up, w = cfg.istft_n_fft, cfg.istft_hop, hop // cfg.istft_hop, cfg.istft_width
+        up = self.up
+        self.conv_pre = nn.Conv1d(cfg.dim, w, 7, padding=3)
+        # up frames per token (an odd factor gives one frame too many, cropped in forward)
+        self.upsample = nn.ConvTranspose1d(w, w, 2 * up, stride=up, padding=up // 2) if up > 1 else nn.Identity()
+        self.voice = nn.Linear(cfg.global_dim, w)
+        self.norm = nn.LayerNorm(w)
+        self.blocks = nn.ModuleList(ConvNeXtBlock(w, 1.0 / cfg.istft_layers) for _ in range(cfg.istft_layers))
+        self.norm_post = nn.LayerNorm(w)
+        self.head = nn.Linear(w, cfg.istft_n_fft + 2)
+        self.register_buffer("window", torch.hann_window(cfg.istft_n_fft), persistent=False)
+
+    def forward(self, x: torch.Tensor, voice: torch.Tensor | None = None) -> torch.Tensor:
+        frames = x.shape[-1] * self.up
+        x = self.upsample(self.conv_pre(x))[..., :frames]
+        if voice is not None:
+            x = x + self.voice(voice)[:, :, None]
+        x = self.norm(x.transpose(1, 2)).transpose(1, 2)
+        for block in self.blocks:
+            x = block(x)
+        mag, phase = self.head(self.norm_post(x.transpose(1, 2))).float().chunk(2, dim=-1)
+        spec = torch.polar(torch.exp(mag).clamp(max=100.0), phase).transpose(1, 2)
+        wav = torch.istft(spec, self.n_fft, self.hop, window=self.window, center=True, length=frames * self.hop)
+        return wav[:, None].clamp(-1.0, 1.0)
+
+
+def build_generator(cfg: CodecConfig) -> nn.Module:
+    if cfg.generator == "hifigan":
+        return Generator(cfg)
+    if cfg.generator == "istft":
+        return ISTFTGenerator(cfg)
+    raise ValueError(f"codec.generator must be 'hifigan' or 'istft', got {cfg.generator!r}")
+
+
 # --- encoder ------------------------------------------------------------------------------------
 class Downsample(nn.Module):
     """Strided conv (kernel 2 x stride) padded so that S samples give exactly S / stride frames."""
@@ -172,6 +254,49 @@ class Encoder(nn.Module):
         return self.conv_post(F.leaky_relu(x, 0.1)), voice
 
 
+class MelEncoder(nn.Module):
+    """Waveform [B, 1, S] -> local vectors [B, dim, S / hop] and the voice feature [B, global_dim],
+    from an 80-bin log-mel at `mel_encoder_hop`: ConvNeXt blocks at that rate, a strided conv to
+    the token rate, ConvNeXt blocks there; the voice feature is a time mean of the first blocks'
+    output (Linear, leaky ReLU, BatchNorm, as the waveform encoder's)."""
+
+    def __init__(self, cfg: CodecConfig):
+        super().__init__()
+        hop = hop_length(cfg)
+        if hop % cfg.mel_encoder_hop:
+            raise ValueError(f"codec.mel_encoder_hop {cfg.mel_encoder_hop} must divide the token hop {hop}")
+        self.stride, d, layers = hop // cfg.mel_encoder_hop, cfg.dim, cfg.mel_encoder_layers
+        self.mel = LogMel(cfg.sample_rate, n_fft=4 * cfg.mel_encoder_hop, hop=cfg.mel_encoder_hop)
+        self.conv_pre = nn.Conv1d(80, d, 7, padding=3)
+        self.blocks = nn.ModuleList(ConvNeXtBlock(d, 1.0 / layers) for _ in range(layers))
+        self.down = nn.Conv1d(d, d, 2 * self.stride, stride=self.stride)
+        self.down_pad = self.stride // 2, self.stride - self.stride // 2  # frames / stride vectors out
+        self.blocks_post = nn.ModuleList(ConvNeXtBlock(d, 1.0 / layers) for _ in range(layers))
+        self.norm = nn.LayerNorm(d)
+        g = cfg.global_dim
+        self.global_out = nn.Sequential(nn.Linear(d, g), nn.LeakyReLU(0.1), nn.BatchNorm1d(g))
+
+    def forward(self, wav: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        frames = wav.shape[-1] // self.mel.hop
+        x = self.mel(wav)[..., :frames]  # [B, 80, frames]
+        x = self.conv_pre((x + 5.0) / 4.0)  # log-mel of speech lies around -5 +- 4
+        for block in self.blocks:
+            x = block(x)
+        voice = self.global_out(x.mean(-1))
+        x = self.down(F.pad(x, self.down_pad))
+        for block in self.blocks_post:
+            x = block(x)
+        return self.norm(x.transpose(1, 2)).transpose(1, 2), voice
+
+
+def build_encoder(cfg: CodecConfig) -> nn.Module:
+    if cfg.encoder == "wave":
+        return Encoder(cfg)
+    if cfg.encoder == "mel":
+        return MelEncoder(cfg)
+    raise ValueError(f"codec.encoder must be 'wave' or 'mel', got {cfg.encoder!r}")
+
+
 def mel_filterbank(
     sample_rate: int, n_fft: int, n_mels: int, fmin: float = 0.0, fmax: float | None = None
 ) -> torch.Tensor:
@@ -207,3 +332,23 @@ class LogMel(nn.Module):
         spec = torch.stft(wav.reshape(-1, wav.shape[-1]).float(), self.n_fft, self.hop, window=self.window,
                           center=True, return_complex=True).abs()  # fmt: skip
         return torch.log(torch.clamp(self.bank @ spec, min=1e-5))
+
+
+class MultiResolutionSTFTLoss(nn.Module):
+    """Sum over (n_fft, hop) pairs of spectral convergence and log-magnitude L1 (Hann windows)."""
+
+    def __init__(self, resolutions: list[list[int]]):
+        super().__init__()
+        self.resolutions = [(int(n), int(h)) for n, h in resolutions]
+        for n, _ in self.resolutions:
+            self.register_buffer(f"window_{n}", torch.hann_window(n), persistent=False)
+
+    def forward(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        y, x = y.reshape(-1, y.shape[-1]).float(), x.reshape(-1, x.shape[-1]).float()
+        total = y.new_zeros(())
+        for n, h in self.resolutions:
+            w = getattr(self, f"window_{n}")
+            sy = torch.stft(y, n, h, window=w, return_complex=True).abs().clamp(min=1e-5)
+            sx = torch.stft(x, n, h, window=w, return_complex=True).abs().clamp(min=1e-5)
+            total = total + torch.linalg.norm(sy - sx) / torch.linalg.norm(sx) + F.l1_loss(sy.log(), sx.log())
+        return total / len(self.resolutions)

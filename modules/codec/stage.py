@@ -6,11 +6,13 @@ discriminators take one least-squares step on real vs reconstructed crops (from
 `codec.adversarial_start` on), then the encoder + generator take one step on
 
     mel_weight * L1(log-mel) + commitment_weight * VQ commitment
+    [+ stft_weight * multi-resolution STFT loss]
     [+ adversarial_weight * LSGAN + feature_weight * feature matching]
 
 The codebooks follow exponential moving averages (no optimiser). `trainer.max_steps` counts
 generator steps. Validation reconstructs whole dev utterances and reports the log-mel distance,
-SI-SNR and codebook use; TensorBoard gets audio and spectrograms of one of them.
+SI-SNR and codebook use, and, once stage `judge` has run, the judge's WER on them against
+training minutes (`judge_curve` in metrics.json); TensorBoard gets audio and spectrograms of one.
 
 The discriminators exist only where training needs them: `load_codec` (inference: the dialogue
 engine, Table 2, the codec tokens) builds the codec without them and leaves their saved weights out.
@@ -24,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 
 import numpy as np
 import torch
@@ -38,7 +41,14 @@ from modules.codec.discriminators import (
     feature_matching_loss,
     generator_adversarial_loss,
 )
-from modules.codec.network import CodecConfig, Encoder, Generator, LogMel, hop_length
+from modules.codec.network import (
+    CodecConfig,
+    LogMel,
+    MultiResolutionSTFTLoss,
+    build_encoder,
+    build_generator,
+    hop_length,
+)
 from modules.config import run_dir
 from modules.layers.quantizer import GlobalQuantizer, VectorQuantizer, codebook_usage
 from modules.stage import StageModule, StageRun, StageSpec, load_saved_weights, make_optimizer, read_stage_output
@@ -77,18 +87,19 @@ class Codec(StageModule):
         self.automatic_optimization = False
         c = self.codec_cfg = codec_config(cfg)
         self.hop = hop_length(c)
-        self.encoder = Encoder(c)
+        self.encoder = build_encoder(c)
         self.quantizer = VectorQuantizer(c.codebook_size, c.dim, c.ema_decay, c.dead_code_threshold)
         self.global_quantizer = GlobalQuantizer(
             c.global_dim, c.global_groups, c.global_codebook_size, c.ema_decay, c.dead_code_threshold
         )
-        self.generator = Generator(c)
+        self.generator = build_generator(c)
         self.discriminators = (
             Discriminators(tuple(c.disc_periods), c.disc_scales, c.disc_scale_width, tuple(c.disc_period_widths))
             if with_discriminators
             else None
         )
         self.mel = LogMel(c.sample_rate)
+        self.stft_loss = MultiResolutionSTFTLoss(c.stft_resolutions) if c.stft_weight > 0 else None
 
     def components(self) -> dict[str, nn.Module]:
         comps = {
@@ -155,17 +166,31 @@ class Codec(StageModule):
         real = self.discriminators(x)
         return discriminator_loss(real, self.discriminators(y.detach())), real
 
+    def disc_window(self, length: int) -> slice:
+        """The samples the discriminators judge in this step: a random `codec.disc_segment`
+        window of the crop (the same for real and generated audio), or all of it."""
+        w = self.codec_cfg.disc_segment
+        if not w or w >= length:
+            return slice(None)
+        start = int(torch.randint(length - w + 1, ()))
+        return slice(start, start + w)
+
     def generator_objective(
-        self, x: torch.Tensor, out: dict[str, torch.Tensor], real: list | None = None
+        self, x: torch.Tensor, out: dict[str, torch.Tensor], real: list | None = None, window: slice = slice(None)
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The encoder + generator objective (module docstring); adversarial terms when `real` is given."""
+        """The encoder + generator objective (module docstring); adversarial terms when `real` (the
+        discriminators' outputs on `x[..., window]`) is given."""
         c = self.codec_cfg
         y = out["wav"]
         loss_mel = F.l1_loss(self.mel(y), self.mel(x))
         loss = c.mel_weight * loss_mel + c.commitment_weight * out["commitment"]
         logs = {"train/mel": loss_mel.detach(), "train/commitment": out["commitment"].detach()}
+        if self.stft_loss is not None:
+            loss_stft = self.stft_loss(y, x)
+            loss = loss + c.stft_weight * loss_stft
+            logs["train/stft"] = loss_stft.detach()
         if real is not None:
-            fake = self.discriminators(y)
+            fake = self.discriminators(y[..., window])
             real_feats = [(s.detach(), [f.detach() for f in feats]) for s, feats in real]
             loss_adv = generator_adversarial_loss(fake)
             loss_fm = feature_matching_loss(real_feats, fake)
@@ -179,9 +204,10 @@ class Codec(StageModule):
         clip = self.cfg.trainer.gradient_clip_val or None
         x = self._pad(batch["wav"])
         out = self.reconstruct(x)
-        real, logs = None, {}
+        real, logs, window = None, {}, slice(None)
         if self.adversarial():
-            loss_d, real = self.discriminator_objective(x, out["wav"])
+            window = self.disc_window(x.shape[-1])
+            loss_d, real = self.discriminator_objective(x[..., window], out["wav"][..., window])
             opt_d.zero_grad()
             self.manual_backward(loss_d)
             self.clip_gradients(opt_d, gradient_clip_val=clip)
@@ -189,7 +215,7 @@ class Codec(StageModule):
             opt_d.optimizer.step()
             sched_d.step()
             logs["train/disc"] = loss_d.detach()
-        loss, more = self.generator_objective(x, out, real)
+        loss, more = self.generator_objective(x, out, real, window)
         opt_g.zero_grad()
         self.manual_backward(loss)
         self.clip_gradients(opt_g, gradient_clip_val=clip)
@@ -200,12 +226,49 @@ class Codec(StageModule):
         self.log("mel", more["train/mel"], prog_bar=True, logger=False)
         return loss
 
+    # --- the judge's WER against training time ------------------------------------------------
+    def on_fit_start(self) -> None:
+        """Validation transcribes its reconstructions with the intelligibility judge (stage
+        `judge`) when that has run: `val/judge_wer` and one point of `judge_curve` per validation,
+        against the minutes spent training (validation time left out)."""
+        from modules.encoder.ctc import load_judge
+
+        try:
+            judge = load_judge(self.cfg)
+        except FileNotFoundError as e:
+            log.info("codec validation without the judge's WER: %s", e)
+            judge = None
+        self.__dict__["_judge"] = judge  # not a submodule: never trained, moved or saved with the codec
+        self.judge_curve: list[dict] = []
+        self._fit_clock, self._val_seconds = time.monotonic(), 0.0
+
+    def _judge_validation(self) -> None:
+        from datamodules.transcripts import wer
+        from modules.encoder.ctc import transcribe
+
+        rate, heard = self.codec_cfg.sample_rate, self._val_heard
+        point = {"step": self.global_step, "train_minutes": 0.0}
+        point["judge_wer"] = wer(transcribe(self._judge, heard["reconstructions"], rate), heard["texts"])
+        if not self.judge_curve:  # the floor on the same utterances, once
+            self._judge_floor = wer(transcribe(self._judge, heard["originals"], rate), heard["texts"])
+        point["judge_wer_original"] = self._judge_floor
+        self.log("val/judge_wer", point["judge_wer"])
+        self.log("val/judge_wer_original", self._judge_floor)
+        self.judge_curve.append(point)
+
     def on_validation_epoch_start(self) -> None:
         self._val_codes: list[torch.Tensor] = []
+        self._val_heard: dict[str, list] = {"originals": [], "reconstructions": [], "texts": []}
+        self._val_clock = time.monotonic()
 
     def validation_step(self, batch, batch_idx):
         m = measure_batch(self, batch)
         self._val_codes.append(m.pop("codes"))
+        if getattr(self, "_judge", None) is not None and not self.trainer.sanity_checking:
+            for i, n in enumerate(batch["lens"].tolist()):
+                self._val_heard["originals"].append(batch["wav"][i, 0, :n].numpy())
+                self._val_heard["reconstructions"].append(m["wav"][i, 0, :n].float().numpy())
+            self._val_heard["texts"].extend(batch["texts"])
         n = len(batch["lens"])
         self.log("val/mel_distance", m["mel_distance"], batch_size=n)
         self.log("val/si_snr", m["si_snr"], batch_size=n)
@@ -224,6 +287,13 @@ class Codec(StageModule):
             usage = codebook_usage(torch.cat(self._val_codes), self.codec_cfg.codebook_size)
             self.log("val/code_perplexity", usage["perplexity"])
             self.log("val/codes_used", usage["used"])
+        if self._val_heard["texts"]:
+            self._judge_validation()
+        if hasattr(self, "_fit_clock"):
+            now = time.monotonic()
+            self._val_seconds += now - self._val_clock
+            if self._val_heard["texts"]:
+                self.judge_curve[-1]["train_minutes"] = (now - self._fit_clock - self._val_seconds) / 60
 
     def configure_optimizers(self):
         if self.discriminators is None:
@@ -277,7 +347,36 @@ def build_stage_module(cfg: DictConfig) -> Codec:
 def evaluate_dev(run: StageRun) -> dict:
     """The dev measures over the first eval.limit utterances (0: all), as the test report reads them."""
     dev = evaluate_codec(run.cfg, run.module, "dev", run.cfg.eval.limit)
-    return {f"dev_{k}": v for k, v in dev.items() if k != "examples"}
+    curve = {"judge_curve": run.module.judge_curve} if getattr(run.module, "judge_curve", None) else {}
+    return {**{f"dev_{k}": v for k, v in dev.items() if k != "examples"}, **curve}
+
+
+def codec_signature(codec: DictConfig | CodecConfig) -> dict[str, float]:
+    """What a consumer of a codec's tokens or audio depends on: sample rate, tokens a second, codes."""
+    return {
+        "sample_rate": int(codec.sample_rate),
+        "tokens_per_second": codec.sample_rate / math.prod(codec.encoder_strides),
+        "codebook_size": int(codec.codebook_size),
+    }
+
+
+def check_codec_fits(cfg: DictConfig, saved: dict, stage: str = f"{STAGE}@") -> None:
+    """Raise a ValueError naming both sides when the codec saved by `stage` (its model.pt,
+    `saved`) differs from `cfg.codec` in sample rate, token rate or codebook size (the decoder
+    checks its own vocabulary against `cfg.codec`)."""
+    from modules.config import saved_config
+
+    have = codec_signature(saved_config(saved["run_config"]).codec)
+    want = codec_signature(cfg.codec)
+    if have != want:
+        diff = [k for k in want if have[k] != want[k]]
+        raise ValueError(
+            f"the codec of {run_dir(cfg, stage)} has "
+            + ", ".join(f"{k} {have[k]:g}" for k in diff)
+            + f"; stage {cfg.stage.name} expects "
+            + ", ".join(f"{k} {want[k]:g}" for k in diff)
+            + " (codec.*): retrain the codec or set these to match"
+        )
 
 
 def load_codec(cfg: DictConfig, stage: str | None = None) -> Codec:
@@ -288,6 +387,7 @@ def load_codec(cfg: DictConfig, stage: str | None = None) -> Codec:
     if stage is None:
         stage = STAGE if cfg.stage.name == STAGE else f"{STAGE}@"
     saved = read_stage_output(cfg, stage)
+    check_codec_fits(cfg, saved, stage)
     module = Codec(cfg, with_discriminators=False)
     load_saved_weights(cfg, module, stage, saved, leave_out=TRAINING_ONLY)
     return module.eval()

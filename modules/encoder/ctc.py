@@ -264,7 +264,7 @@ def build_judge(cfg: DictConfig) -> EncoderCTC:
 def load_judge(cfg: DictConfig) -> EncoderCTC:
     """The trained judge of `cfg`'s experiment, in eval mode, built from the config it was trained
     with (its encoder need not match the chain's)."""
-    saved = read_stage_output(cfg, JUDGE)
+    saved = read_stage_output(cfg, f"{JUDGE}@")  # the one judge, whatever variant cfg names
     judge_cfg = saved_config(saved["run_config"])
     module = EncoderCTC(judge_cfg, units_from_json(saved.get("ctc_units")))
     load_saved_weights(judge_cfg, module, JUDGE, saved)

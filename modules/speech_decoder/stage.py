@@ -229,9 +229,19 @@ def answer_examples(cfg: DictConfig, split: str, codec=None) -> tuple[list[dict]
 
 
 # --- the stages --------------------------------------------------------------------------------
+def check_trained_codec(run: StageRun) -> None:
+    """Both decoder stages: the trained codec (whose tokens they learn) has this config's sample
+    rate, token rate and codebook size (`modules.codec.stage.check_codec_fits`)."""
+    from modules.codec.stage import STAGE as CODEC
+    from modules.codec.stage import check_codec_fits
+
+    check_codec_fits(run.cfg, read_stage_output(run.cfg, f"{CODEC}@"))
+
+
 def speak_answers(run: StageRun) -> None:
     """output_3_prefix: the spoken LLM replies of the train and dev dialogues (`answer_examples`)."""
     cfg = run.cfg
+    check_trained_codec(run)
     if not any(k.startswith("decoder.") for k in run.loaded):
         raise ValueError(f"stage {PREFIX} trains the prefix of a trained decoder: set stage.init_from: [{DECODER}]")
     from modules.llm.answers import ensure_llm_answers
@@ -247,6 +257,7 @@ def speak_answers(run: StageRun) -> None:
 STAGE_SPECS = {
     DECODER: StageSpec(
         build=build,
+        prepare=check_trained_codec,
         data=lambda run: TTSDataModule(OmegaConf.to_object(run.cfg.data.tts_codes), "codes"),
         evaluate=validation_metrics,
     ),
