@@ -24,12 +24,13 @@ corpus: setup ## synthesize the tiny eSpeak corpus, write its shards and CMVN st
 	$(PY) -m tools.prepare_corpus --out $(CORPUS)
 
 demo: corpus ## the embedded default, cut to 30 min (experiment=demo): the whole chain, Tables 1-3, state classifier, a spoken exchange
-	$(MAKE) -j2 EXP=$(DEMO_EXP) ASR_RUNS=demo-align-main ALIGN_AFTER= DECODER_RUNS=demo-prefix-main demo-all
+	$(MAKE) -j2 EXP=$(DEMO_EXP) ASR_RUNS=demo-align-main ALIGN_AFTER= DECODER_RUNS=demo-prefix-main CTC_AFTER=demo-llm demo-all
 
 # The demo is a graph of 1-thread runs that make -j2 schedules on two cores: the stand-in LLM
-# trains on one core while the stage-1 encoder (the judge of both sides; it needs no LLM) and
-# then the codec and its tokens train on the other; the LLM's answers, the stage-2/3 runs and
-# the decoder stages start when their inputs exist; the evaluations run side by side. Two
+# and the stage-1 encoder (it needs no LLM) train on one core while the intelligibility judge
+# and then the codec (whose validation the judge hears) and its tokens train on the other; the
+# LLM's answers, the stage-2/3 runs and the decoder stages start when their inputs exist; the
+# evaluations run side by side. Two
 # 1-thread runs do more work than one 2-thread run (e.g. 1.6 vs 2.4 steps/s for stage 1).
 # `make demo` runs experiment=demo (the tiny recipe cut to 30 min, one chain per side),
 # `make demo-input` / `make demo-output` the full tiny recipe of each side with both chains
@@ -44,7 +45,9 @@ DYN  := stage.variant=dynamic encoder.dynamic_chunk=true
 
 demo-llm: setup
 	$(RUN1) stage=llm_text
-demo-ctc-main: setup
+# CTC_AFTER=demo-llm (make demo) keeps the stand-in and stage 1 on one core, the judge and codec on the other.
+CTC_AFTER ?=
+demo-ctc-main: setup | $(CTC_AFTER)
 	$(RUN1) stage=input_1_ctc
 demo-ctc-dynamic: setup | demo-ctc-main
 	$(RUN1) stage=input_1_ctc $(DYN) $(DYN_INIT)
@@ -71,11 +74,11 @@ demo-eval: demo-eval-asr demo-eval-qa
 demo-input: setup ## the full tiny recipe of the speech-input stages (needs the corpus; ~90 min on 2 cores), Tables 1 and 3
 	$(MAKE) -j2 demo-eval
 
-# Speech output: the codec trains on one core for most of the run while the stand-in
-# LLM and the stage-1 encoder (the intelligibility judge) train on the other; then the decoder
-# with and without the pre-network, their prefix decoders, and Table 2.
+# Speech output: the judge, then the codec, train on one core while the stand-in LLM and the
+# stage-1 encoder train on the other; then the decoder with and without the pre-network, their
+# prefix decoders, and Table 2.
 NOPRE := stage.variant=nopre speech_decoder.pre_net_layers=0
-demo-codec: setup
+demo-codec: setup | demo-judge
 	$(RUN1) stage=output_1_codec
 demo-tokens: setup | demo-codec
 	$(PY) -m tools.write_codec_tokens experiment=$(EXP) trainer.num_threads=1 --quiet

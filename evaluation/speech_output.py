@@ -26,6 +26,7 @@ from datamodules.corpus.espeak import ESpeak, assistant_speech
 from datamodules.spoken_qa import read_dialogues
 from datamodules.text_qa import chat_messages
 from datamodules.transcripts import wer
+from evaluation.judge import mel_cepstral_distortion
 from modules.codec.stage import load_codec, voice_tokens
 from modules.config import eval_dir
 from modules.encoder.ctc import JUDGE_LABEL, load_judge, transcribe
@@ -95,6 +96,7 @@ def evaluate_speech_output(cfg: DictConfig) -> dict:
     floor = wer(transcribe(judge, truth, rate), refs)
     resynth = [codec.decode(codec.encode(torch.from_numpy(w)[None, None])[0], voice)[0, 0].numpy() for w in truth]
     codec_wer = wer(transcribe(judge, resynth, rate), refs)
+    codec_mcd = mel_cepstral_distortion(truth, resynth, rate)
     out_dir = eval_dir(cfg) / "speech_output"
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, missing = [], []
@@ -116,6 +118,7 @@ def evaluate_speech_output(cfg: DictConfig) -> dict:
             wavs = speak(decoder, codec, voice, items, prefix, k, cfg.seed)
             hyps = transcribe(judge, wavs, rate)
             row["wer"][str(k)] = wer(hyps, refs)
+            row.setdefault("mcd_db", {})[str(k)] = mel_cepstral_distortion(truth, wavs, rate)
             row.setdefault("seconds", {})[str(k)] = round(sum(len(w) for w in wavs) / rate, 1)
             if k == cfg.speech_decoder.top_k:
                 tag = f"{'prefix' if prefix else 'noprefix'}-{'nopre' if variant else 'prenet'}-k{k}"
@@ -132,8 +135,9 @@ def evaluate_speech_output(cfg: DictConfig) -> dict:
         f"### Intelligibility of the generated speech (Table 2 shape): WER of the judge, {len(items)} replies",
         "",
         f"Floor (the replies spoken by eSpeak in the assistant voice): {100 * floor:.1f}%; "
-        f"through the codec (encode + decode): {100 * codec_wer:.1f}%; best row {100 * best:.1f}% "
-        f"= {best / max(floor, 1e-9):.2f} x the floor (target <= 2).",
+        f"through the codec (encode + decode): {100 * codec_wer:.1f}% (MCD {codec_mcd:.2f} dB); best row "
+        f"{100 * best:.1f}% = {best / max(floor, 1e-9):.2f} x the floor. Cells: judge WER (mel-cepstral "
+        "distortion to eSpeak's audio, DTW-aligned).",
         *(
             [
                 "",
@@ -148,10 +152,12 @@ def evaluate_speech_output(cfg: DictConfig) -> dict:
         "| decoder | " + " | ".join(f"top-k {k}" for k in top_ks) + " |",
         "|---|" + "---|" * len(top_ks),
     ]
-    lines += [f"| {r['row']} | " + " | ".join(f"{100 * r['wer'][str(k)]:.1f}%" for k in top_ks) + " |" for r in rows]
+    lines += [f"| {r['row']} | " + " | ".join(f"{100 * r['wer'][str(k)]:.1f}% ({r['mcd_db'][str(k)]:.1f} dB)"
+                                             for k in top_ks) + " |" for r in rows]  # fmt: skip
     table = "\n".join(lines) + "\n"
     result = {
         "replies": len(items), "judge": JUDGE_LABEL, "floor_wer": floor, "codec_resynthesis_wer": codec_wer,
+        "codec_resynthesis_mcd_db": codec_mcd,
         "best_wer": best, "best_over_floor": best / max(floor, 1e-9), "rows": rows, "missing": missing,
         "table": table,
     }  # fmt: skip

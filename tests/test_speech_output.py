@@ -379,5 +379,11 @@ def test_table2_and_codec_report_run_on_the_trained_chain(decoder_args, monkeypa
     out = Path(cfg.run_root) / cfg.experiment / "eval"
     assert (out / "speech_output.md").is_file() and list((out / "speech_output").glob("*-espeak.wav"))
 
+    assert all(set(r["mcd_db"]) == {"1", "2"} and r["mcd_db"]["1"] > 0 for r in result["rows"])
     report = report_codec(load_config(["stage=output_1_codec", *args]))
     assert report["utterances"] > 0 and report["judge_wer_original"] >= 0 and "judge_wer_reconstructed" in report
+    assert report["mcd_db"] > 0 and (out / "codec_spectrograms.png").stat().st_size > 1000
+    # the judge trained first, so the codec's validation heard its reconstructions: one curve point
+    (point,) = report["judge_curve"]
+    assert point["step"] == 2 and point["judge_wer"] >= 0 and point["train_minutes"] > 0
+    assert (out / "codec_wer_curve.png").is_file() and "training minutes" in (out / "codec.md").read_text()
