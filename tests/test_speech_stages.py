@@ -417,6 +417,16 @@ def test_the_judge_hears_both_voice_groups_at_full_context_and_loads_from_its_ow
     judge = load_judge(load_config(["stage=output_3_prefix", *speech_args, "encoder.d_model=32"]))
     assert judge.encoder.cfg.d_model == 16 and judge.encoder.cfg.chunk_frames == 0 and not judge.training
     assert all(judge.vocab.encode(w) for w in list(tts_words)[:20])  # the assistant's words are spellable
+    from datamodules.transcripts import normalize_transcript
+    from evaluation.judge import UNHEARD, training_texts
+
     floors = infer.main(["eval_judge", *speech_args, "eval.limit=3"])
-    assert set(floors) == {"assistant voice (TTS test)", "held-out user voices (ASR test)"}
-    assert all(r["utterances"] == 3 and r["wer"] >= 0 for r in floors.values())
+    groups = {"assistant voice (TTS test)", "held-out user voices (ASR test)"}
+    assert groups <= set(floors) <= groups | {UNHEARD}
+    assert all(floors[g]["utterances"] == 3 and floors[g]["wer"] >= 0 for g in groups)
+    # the third group: the assistant's test sentences the judge never trained on
+    seen = training_texts(cfg)
+    assert normalize_transcript(next(iter_metadata(cfg.data.tts.train_shards))[1]["text"]) in seen
+    tts_test = [normalize_transcript(m["text"]) for _, m in iter_metadata(cfg.data.tts.test_shards)]
+    if any(t not in seen for t in tts_test[:3]):
+        assert 1 <= floors[UNHEARD]["utterances"] <= 3
