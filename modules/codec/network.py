@@ -188,12 +188,16 @@ class ISTFTGenerator(nn.Module):
         return wav[:, None].clamp(-1.0, 1.0)
 
 
+def _block(cfg: CodecConfig, key: str, choices: dict[str, type]) -> nn.Module:
+    """The block `cfg.<key>` names among `choices`, built from cfg."""
+    name = getattr(cfg, key)
+    if name not in choices:
+        raise ValueError(f"codec.{key} must be " + " or ".join(f"'{c}'" for c in choices) + f", got {name!r}")
+    return choices[name](cfg)
+
+
 def build_generator(cfg: CodecConfig) -> nn.Module:
-    if cfg.generator == "hifigan":
-        return Generator(cfg)
-    if cfg.generator == "istft":
-        return ISTFTGenerator(cfg)
-    raise ValueError(f"codec.generator must be 'hifigan' or 'istft', got {cfg.generator!r}")
+    return _block(cfg, "generator", {"hifigan": Generator, "istft": ISTFTGenerator})
 
 
 # --- encoder ------------------------------------------------------------------------------------
@@ -290,11 +294,7 @@ class MelEncoder(nn.Module):
 
 
 def build_encoder(cfg: CodecConfig) -> nn.Module:
-    if cfg.encoder == "wave":
-        return Encoder(cfg)
-    if cfg.encoder == "mel":
-        return MelEncoder(cfg)
-    raise ValueError(f"codec.encoder must be 'wave' or 'mel', got {cfg.encoder!r}")
+    return _block(cfg, "encoder", {"wave": Encoder, "mel": MelEncoder})
 
 
 def mel_filterbank(
