@@ -13,12 +13,18 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 
+import numpy as np
+import torch
 from omegaconf import DictConfig, OmegaConf
 
-from datamodules.transcripts import wer
+from datamodules.audio import resample
+from datamodules.shards.reader import iter_metadata
+from datamodules.transcripts import normalize_transcript, wer
+from modules.codec.network import LogMel
 from modules.config import eval_dir
-from modules.encoder.ctc import ctc_decoder, decode_split, load_judge
+from modules.encoder.ctc import ctc_decoder, decode_split, judge_train_shards, load_judge
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +36,6 @@ UNHEARD = "assistant voice, sentences absent from the judge's training text"
 
 def training_texts(cfg: DictConfig) -> set[str]:
     """The normalized transcripts the judge trained on (its `data.asr.train_shards`)."""
-    from datamodules.shards.reader import iter_metadata
-    from datamodules.transcripts import normalize_transcript
-    from modules.encoder.ctc import judge_train_shards
-
     return {normalize_transcript(m["text"]) for _, m in iter_metadata(judge_train_shards(cfg))}
 
 
@@ -41,8 +43,6 @@ def judge_floor(cfg: DictConfig, limit: int = 0) -> dict[str, dict]:
     """{group: {"wer", "utterances"}}: the judge's full-context greedy WER on each group's test
     split, and on the assistant voice's test utterances whose text the judge never trained on
     (template answers recur across splits; this row is the floor without that help)."""
-    from datamodules.transcripts import normalize_transcript
-
     judge = load_judge(cfg)
     seen = training_texts(cfg)
     out = {}
@@ -76,12 +76,6 @@ def evaluate_judge(cfg: DictConfig) -> dict:
 # --- a second measure, not ASR: mel-cepstral distortion -------------------------------------------
 def _cepstra(wav, sample_rate: int, n_ceps: int = 13):
     """[frames, n_ceps] cepstra (c1..c13, c0 left out) of the 80-bin log-mel at 10 ms hops."""
-    import numpy as np
-    import torch
-
-    from datamodules.audio import resample
-    from modules.codec.network import LogMel
-
     rate = 24000
     wav = resample(np.asarray(wav, dtype=np.float32), sample_rate, rate) if sample_rate != rate else wav
     logmel = LogMel(rate)(torch.as_tensor(wav, dtype=torch.float32)[None])[0].numpy()  # [80, frames]
@@ -94,8 +88,6 @@ def _cepstra(wav, sample_rate: int, n_ceps: int = 13):
 def dtw_mean_distance(a, b) -> float:
     """Mean Euclidean frame distance along the cheapest monotonic alignment of a [N, D] and b [M, D]
     (steps (1,0), (0,1), (1,1)); computed one anti-diagonal at a time."""
-    import numpy as np
-
     if not len(a) or not len(b):
         return float("inf")
     cost = np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1))
@@ -116,8 +108,6 @@ def dtw_mean_distance(a, b) -> float:
 def mel_cepstral_distortion(reference: list, generated: list, sample_rate: int) -> float:
     """Mean MCD in dB (10 / ln 10 * sqrt(2) * frame distance, DTW-aligned) of generated audio against
     its ground truth; cepstra of the log-mel, so an approximation of the WORLD/SPTK measure."""
-    import math
-
     values = [
         dtw_mean_distance(_cepstra(r, sample_rate), _cepstra(g, sample_rate))
         for r, g in zip(reference, generated)

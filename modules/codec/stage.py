@@ -242,12 +242,12 @@ class Codec(StageModule):
         self.judge_curve: list[dict] = []
         self._fit_clock, self._val_seconds = time.monotonic(), 0.0
 
-    def _judge_validation(self) -> None:
+    def _judge_validation(self, train_minutes: float) -> None:
         from datamodules.transcripts import wer
         from modules.encoder.ctc import transcribe
 
         rate, heard = self.codec_cfg.sample_rate, self._val_heard
-        point = {"step": self.global_step, "train_minutes": 0.0}
+        point = {"step": self.global_step, "train_minutes": train_minutes}
         point["judge_wer"] = wer(transcribe(self._judge, heard["reconstructions"], rate), heard["texts"])
         if not self.judge_curve:  # the floor on the same utterances, once
             self._judge_floor = wer(transcribe(self._judge, heard["originals"], rate), heard["texts"])
@@ -287,13 +287,10 @@ class Codec(StageModule):
             usage = codebook_usage(torch.cat(self._val_codes), self.codec_cfg.codebook_size)
             self.log("val/code_perplexity", usage["perplexity"])
             self.log("val/codes_used", usage["used"])
-        if self._val_heard["texts"]:
-            self._judge_validation()
+        if self._val_heard["texts"]:  # heard only after on_fit_start found a judge
+            self._judge_validation((self._val_clock - self._fit_clock - self._val_seconds) / 60)
         if hasattr(self, "_fit_clock"):
-            now = time.monotonic()
-            self._val_seconds += now - self._val_clock
-            if self._val_heard["texts"]:
-                self.judge_curve[-1]["train_minutes"] = (now - self._fit_clock - self._val_seconds) / 60
+            self._val_seconds += time.monotonic() - self._val_clock
 
     def configure_optimizers(self):
         if self.discriminators is None:
