@@ -15,9 +15,11 @@ import torch
 from matplotlib.figure import Figure
 from omegaconf import DictConfig
 
+from datamodules.transcripts import wer
 from evaluation.judge import mel_cepstral_distortion
 from modules.codec.stage import STAGE, evaluate_codec, load_codec
-from modules.config import run_dir
+from modules.config import eval_dir, run_dir
+from modules.encoder.ctc import load_judge, transcribe
 from modules.tb import spectrogram_figure
 
 log = logging.getLogger(__name__)
@@ -26,15 +28,10 @@ log = logging.getLogger(__name__)
 def report_codec(cfg: DictConfig) -> dict:
     """`python infer.py eval_codec`: `evaluate_codec` on the TTS test split, plus the judge's
     WER on the original and the reconstructed audio (when stage `judge` has run)."""
-    from modules.config import eval_dir
-
     codec = load_codec(cfg)
     audio: dict = {}
     result = evaluate_codec(cfg, codec, "test", cfg.eval.limit, audio)
     try:
-        from datamodules.transcripts import wer
-        from modules.encoder.ctc import load_judge, transcribe
-
         judge = load_judge(cfg)
     except FileNotFoundError as e:
         log.warning("no judge: %s", e)

@@ -17,14 +17,14 @@ import math
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from datamodules.audio import resample
 from datamodules.shards.reader import iter_metadata
 from datamodules.transcripts import normalize_transcript, wer
 from modules.codec.network import LogMel
 from modules.config import eval_dir
-from modules.encoder.ctc import ctc_decoder, decode_split, judge_train_shards, load_judge
+from modules.encoder.ctc import ctc_decoder, decode_split, judge_train_shards, load_judge, reading_tts
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,7 @@ def judge_floor(cfg: DictConfig, limit: int = 0) -> dict[str, dict]:
     seen = training_texts(cfg)
     out = {}
     for label, data in GROUPS.items():
-        split_cfg = cfg.copy()
-        OmegaConf.update(split_cfg, "data.asr.test_shards", cfg.data[data].test_shards)
+        split_cfg = reading_tts(cfg, "test") if data == "tts" else cfg
         refs, hyps = decode_split(split_cfg, "test", {"judge": ctc_decoder(judge)}, [0], limit, desc=label)
         n = limit or len(refs)
         refs, hyp = refs[:n], hyps["judge_0"][:n]

@@ -352,7 +352,7 @@ def codec_signature(codec: DictConfig | CodecConfig) -> dict[str, float]:
     """What a consumer of a codec's tokens or audio depends on: sample rate, tokens a second, codes."""
     return {
         "sample_rate": int(codec.sample_rate),
-        "tokens_per_second": codec.sample_rate / math.prod(codec.encoder_strides),
+        "tokens_per_second": codec.sample_rate / hop_length(codec),
         "codebook_size": int(codec.codebook_size),
     }
 

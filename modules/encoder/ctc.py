@@ -271,13 +271,19 @@ def load_judge(cfg: DictConfig) -> EncoderCTC:
     return module.eval()
 
 
+def reading_tts(cfg: DictConfig, split: str) -> DictConfig:
+    """A copy of cfg whose ASR `split` is the TTS split of the same name: the assistant voice,
+    read by the ASR loader."""
+    out = cfg.copy()
+    OmegaConf.update(out, f"data.asr.{split}_shards", cfg.data.tts[f"{split}_shards"])
+    return out
+
+
 def evaluate_judge_dev(run: StageRun) -> dict:
     """Full-context WER on the dev splits: user voices (ASR) and the assistant voice (TTS)."""
     cfg, module = run.cfg, run.module
     out = evaluate_ctc_split(cfg, module, "dev", [0])
-    tts_cfg = cfg.copy()
-    OmegaConf.update(tts_cfg, "data.asr.dev_shards", cfg.data.tts.dev_shards)
-    assistant = evaluate_ctc_split(tts_cfg, module, "dev", [0])
+    assistant = evaluate_ctc_split(reading_tts(cfg, "dev"), module, "dev", [0])
     out.update({k.replace("_dev_", "_assistant_dev_"): v for k, v in assistant.items()})
     return out
 
