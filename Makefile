@@ -5,6 +5,9 @@ TORCH   ?= torch==2.13.0
 EXP     ?= tiny
 CORPUS  ?= data/tiny
 PYTEST_ARGS ?=
+SEED    ?=
+# every training and evaluation command of the demo targets: `make demo SEED=7` trains with seed 7
+EXPARGS  = experiment=$(EXP)$(if $(SEED), seed=$(SEED))
 
 .PHONY: help setup corpus demo demo-all demo-input demo-llm demo-ctc-main demo-ctc-dynamic demo-align-main demo-align-dynamic demo-align-more demo-prompt demo-eval-asr demo-eval-qa demo-eval demo-output demo-codec demo-tokens demo-answers demo-decoder-main demo-decoder-nopre demo-prefix-main demo-prefix-nopre demo-judge demo-eval-judge demo-eval-codec demo-eval-output demo-state demo-eval-state demo-chat report test bench bench-data bench-llm bench-input bench-output bench-dialogue lint format clean
 
@@ -40,7 +43,7 @@ DEMO_EXP ?= demo
 ASR_RUNS ?= demo-align-main demo-align-dynamic $(ALIGN_AFTER)
 DECODER_RUNS ?= demo-prefix-main demo-prefix-nopre
 DYN_INIT ?= stage.init_from=[input_1_ctc@] trainer.max_steps=300 optim.warmup_steps=30
-RUN1 := $(PY) train.py experiment=$(EXP) trainer.num_threads=1
+RUN1 := $(PY) train.py $(EXPARGS) trainer.num_threads=1
 DYN  := stage.variant=dynamic encoder.dynamic_chunk=true
 
 demo-llm: setup
@@ -65,9 +68,9 @@ demo-align-more: setup | demo-align-main
 demo-prompt: setup | demo-align-main $(ALIGN_AFTER)
 	$(RUN1) stage=input_3_prompt
 demo-eval-asr: setup | $(ASR_RUNS)
-	$(PY) infer.py eval_asr experiment=$(EXP) trainer.num_threads=1
+	$(PY) infer.py eval_asr $(EXPARGS) trainer.num_threads=1
 demo-eval-qa: setup | demo-prompt
-	$(PY) infer.py eval_spoken_qa experiment=$(EXP) trainer.num_threads=1
+	$(PY) infer.py eval_spoken_qa $(EXPARGS) trainer.num_threads=1
 demo-eval: demo-eval-asr demo-eval-qa
 	@cat runs/$(EXP)/eval/asr.md runs/$(EXP)/eval/spoken_qa.md
 
@@ -81,9 +84,9 @@ NOPRE := stage.variant=nopre speech_decoder.pre_net_layers=0
 demo-codec: setup | demo-judge
 	$(RUN1) stage=output_1_codec
 demo-tokens: setup | demo-codec
-	$(PY) -m tools.write_codec_tokens experiment=$(EXP) trainer.num_threads=1 --quiet
+	$(PY) -m tools.write_codec_tokens $(EXPARGS) trainer.num_threads=1 --quiet
 demo-answers: setup | demo-llm
-	$(PY) -m tools.make_llm_answers experiment=$(EXP) trainer.num_threads=1
+	$(PY) -m tools.make_llm_answers $(EXPARGS) trainer.num_threads=1
 demo-decoder-main: setup | demo-tokens demo-llm
 	$(RUN1) stage=output_2_decoder
 demo-decoder-nopre: setup | demo-tokens demo-llm
@@ -96,11 +99,11 @@ demo-prefix-nopre: setup | demo-decoder-nopre demo-answers
 demo-judge: setup
 	$(RUN1) stage=judge
 demo-eval-judge: setup | demo-judge
-	$(PY) infer.py eval_judge experiment=$(EXP) trainer.num_threads=1
+	$(PY) infer.py eval_judge $(EXPARGS) trainer.num_threads=1
 demo-eval-codec: setup | demo-codec demo-judge
-	$(PY) infer.py eval_codec experiment=$(EXP) trainer.num_threads=1
+	$(PY) infer.py eval_codec $(EXPARGS) trainer.num_threads=1
 demo-eval-output: setup | $(DECODER_RUNS) demo-eval-judge demo-eval-codec
-	$(PY) infer.py eval_speech_output experiment=$(EXP) trainer.num_threads=1
+	$(PY) infer.py eval_speech_output $(EXPARGS) trainer.num_threads=1
 	@cat runs/$(EXP)/eval/judge.md runs/$(EXP)/eval/codec.md runs/$(EXP)/eval/speech_output.md
 
 # Duplex: the state classifier after stage 3, then a spoken exchange with the whole
@@ -108,21 +111,21 @@ demo-eval-output: setup | $(DECODER_RUNS) demo-eval-judge demo-eval-codec
 demo-state: setup | demo-prompt
 	$(RUN1) stage=input_4_state
 demo-eval-state: setup | demo-state
-	$(PY) infer.py eval_state experiment=$(EXP) trainer.num_threads=1
+	$(PY) infer.py eval_state $(EXPARGS) trainer.num_threads=1
 demo-chat: setup | demo-state demo-prefix-main
 	$(PY) -m tools.make_chat_input --corpus $(CORPUS) --out runs/$(EXP)/chat/question.wav
-	$(PY) infer.py chat experiment=$(EXP) trainer.num_threads=1 input_wav=runs/$(EXP)/chat/question.wav output_wav=runs/$(EXP)/chat/answer.wav
+	$(PY) infer.py chat $(EXPARGS) trainer.num_threads=1 input_wav=runs/$(EXP)/chat/question.wav output_wav=runs/$(EXP)/chat/answer.wav
 
 # The exchange runs beside the last evaluations; the summary prints every table once all are done.
 demo-all: demo-eval demo-eval-output demo-eval-state demo-chat
 	@echo "== demo summary (runs/$(EXP)/eval, runs/$(EXP)/chat)"
 	@cat runs/$(EXP)/eval/asr.md runs/$(EXP)/eval/spoken_qa.md runs/$(EXP)/eval/judge.md runs/$(EXP)/eval/codec.md \
 	  runs/$(EXP)/eval/speech_output.md runs/$(EXP)/eval/state.md runs/$(EXP)/chat/answer.md
-	@$(PY) infer.py report experiment=$(EXP) > /dev/null
+	@$(PY) infer.py report $(EXPARGS) > /dev/null
 	@cat runs/$(EXP)/report.md
 
 report: setup ## the headline numbers of one experiment's evaluations -> runs/$(EXP)/report.{json,md} (EXP=demo|tiny)
-	$(PY) infer.py report experiment=$(EXP)
+	$(PY) infer.py report $(EXPARGS)
 
 demo-output: setup ## the tiny recipe of the speech-output stages (needs the corpus): codec report and Table 2
 	$(MAKE) -j2 demo-eval-output

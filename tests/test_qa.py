@@ -1,5 +1,7 @@
 import random
 
+import pytest
+
 from datamodules.corpus.answers import check_answer, normalize_answer
 from datamodules.corpus.qa import FAMILIES, build_qa_splits, is_heldout, sample_dialogue
 
@@ -94,3 +96,28 @@ def test_text_qa_stream_paraphrases_fact_questions(monkeypatch):
     questions = [m["content"].lower() for msgs in seen for m in msgs if m["role"] == "user"]
     fact_like = [q for q in questions if any(w in q for w in ("capital", "color", "legs", "opposite"))]
     assert fact_like and all(any(q.startswith(s) for s in stems) for q in fact_like)
+
+
+def test_text_qa_stream_reads_held_out_combinations_only_when_asked(monkeypatch):
+    import datamodules.text_qa as text_qa
+
+    seen = []
+    monkeypatch.setattr(text_qa, "encode_chat", lambda tok, messages, *a, **k: seen.append(messages) or ([], []))
+    seed = 1234
+    heldout_questions = {
+        t["question"] for d in build_qa_splits(seed, {"test": 400})["test"] for t in d["turns"] if t["family"] != "followup"
+    }
+
+    def questions(combinations: str) -> set[str]:
+        seen.clear()
+        cfg = text_qa.TextQADataConfig(repeat_prob=0.0, sequence_prob=0.0, combinations=combinations)
+        stream = text_qa.TextQAStream(None, cfg, qa_seed=seed, seed=0, transcripts=[])
+        rng = random.Random(0)
+        for _ in range(3000):
+            stream.example(rng)
+        return {m["content"] for msgs in seen for m in msgs if m["role"] == "user"}
+
+    assert not questions("train") & heldout_questions  # the spoken corpus's training combinations only
+    assert len(questions("all") & heldout_questions) > 20  # a pretrained LLM's knowledge: every combination
+    with pytest.raises(ValueError, match="combinations must be one of"):
+        text_qa.TextQAStream(None, text_qa.TextQADataConfig(combinations="test"), qa_seed=seed, seed=0, transcripts=[])

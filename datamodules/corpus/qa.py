@@ -288,22 +288,24 @@ def _stable_hash(*parts: object) -> int:
     return int.from_bytes(hashlib.sha1(repr(parts).encode()).digest()[:8], "little")
 
 
-def sample_turn(rng: random.Random, seed: int, heldout: bool, prev: Turn | None = None) -> Turn:
-    """Draw one turn whose combination is (not) held out, as `heldout` asks."""
+def sample_turn(rng: random.Random, seed: int, heldout: bool | None, prev: Turn | None = None) -> Turn:
+    """Draw one turn whose combination is (not) held out, as `heldout` asks; `None` takes any
+    combination (the text of a pretrained LLM's knowledge, not the spoken corpus)."""
     for _ in range(10_000):
         if prev is not None and rng.random() < FOLLOWUP_PROB:
             turn = _followup(rng, prev)
         else:
             name = rng.choices(list(FAMILY_WEIGHTS), weights=list(FAMILY_WEIGHTS.values()))[0]
             turn = FAMILIES[name](rng, prev)
-        if turn is not None and is_heldout(seed, turn.family, turn.combo) == heldout:
+        if turn is not None and (heldout is None or is_heldout(seed, turn.family, turn.combo) == heldout):
             return turn
     raise RuntimeError("could not draw a turn; the held-out share is broken")
 
 
-def sample_dialogue(rng: random.Random, seed: int, heldout: bool, max_turns: int = 3) -> list[Turn]:
+def sample_dialogue(rng: random.Random, seed: int, heldout: bool | None, max_turns: int = 3) -> list[Turn]:
     """1..max_turns turns. A held-out dialogue has at least one held-out turn (its first),
-    and all its turns are held-out ones: nothing in it was seen in training."""
+    and all its turns are held-out ones: nothing in it was seen in training. `heldout=None`
+    draws from every combination."""
     n = rng.randint(1, max_turns)
     turns: list[Turn] = []
     for _ in range(n):
