@@ -197,23 +197,30 @@ def test_speech_decoder_paper_size_and_projection():
         SpeechDecoderNet(SpeechDecoderConfig(prefix_layers=3), 3584)
 
 
-def _toy_decoder(seed: int = 0):
+def _toy_decoder(seed: int = 0, stride: float = 0.0):
     from modules.speech_decoder.network import SpeechDecoderConfig, SpeechDecoderNet
 
     torch.manual_seed(seed)
-    net = SpeechDecoderNet(SpeechDecoderConfig(dim=32, num_heads=4, ffn_dim=64, codebook_size=16, dropout=0.0), 64)
+    cfg = SpeechDecoderConfig(dim=32, num_heads=4, ffn_dim=64, codebook_size=16, dropout=0.0, text_position_stride=stride)
+    net = SpeechDecoderNet(cfg, 64)
     with torch.no_grad():  # sharper logits than the default init, so that greedy paths vary
         net.decoder.out.weight.mul_(20)
     return net.eval()
 
 
-def test_generation_with_and_without_cache_and_teacher_forcing_agree():
-    net = _toy_decoder()
+@pytest.mark.parametrize("stride", [0.0, 2.5])  # the release's positions; speech-aligned text positions
+def test_generation_with_and_without_cache_and_teacher_forcing_agree(stride):
+    net = _toy_decoder(stride=stride)
     text, text_valid = torch.randn(2, 5, 64), torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
     hidden, hidden_valid = torch.randn(2, 4, 64), torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
     cached = net.generate(text, text_valid, hidden, hidden_valid, top_k=1, max_tokens=15)
     plain = net.generate(text, text_valid, hidden, hidden_valid, top_k=1, max_tokens=15, use_cache=False)
     assert [c.tolist() for c in cached] == [c.tolist() for c in plain]
+    # text frame j sits at j x stride and the speech from 0 (stride 0: after the conditioning)
+    cond_valid = torch.ones(1, 4, dtype=torch.bool)
+    expected_cond = [0.0, 2.5, 5.0, 7.5] if stride else [0, 1, 2, 3]
+    assert net.cond_positions(cond_valid)[0].tolist() == expected_cond
+    assert net.speech_positions(cond_valid, torch.arange(3))[0].tolist() == ([0, 1, 2] if stride else [4, 5, 6])
     assert len(set(cached[0].tolist())) > 2  # not a degenerate path
     # the second row alone (no padding) generates the same tokens as inside the padded batch
     alone = net.generate(text[1:, :3], text_valid[1:, :3], hidden[1:, :2], hidden_valid[1:, :2], top_k=1, max_tokens=15)

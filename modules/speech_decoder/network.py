@@ -45,6 +45,11 @@ class SpeechDecoderConfig:
     # (3584 = 4 x 896), else learns a projection; "linear" always projects.
     llm_projection: str = "auto"
     max_tokens: int = 1000  # generated tokens per segment at most (25 s at 40 Hz)
+    # Rotary positions of the shared stack. 0 (the release): the conditioning at 0..c-1, the
+    # speech tokens after it at c, c+1, ... > 0: the speech tokens at 0, 1, 2, ... and conditioning
+    # frame j at j x stride, so that a speech token and the text it speaks sit at nearby positions
+    # when stride is the mean number of codec tokens per conditioning frame.
+    text_position_stride: float = 0.0
     top_k: int = 2  # the release's decoder_top_k
 
 
@@ -162,6 +167,20 @@ class SpeechDecoding:
         self.prefix = PrefixDecoder(cfg, llm_width) if cfg.prefix_layers else None
         self.decoder = SharedStack(cfg)
 
+    # --- positions ------------------------------------------------------------------------------
+    def cond_positions(self, cond_valid: torch.Tensor) -> torch.Tensor:
+        """Rotary positions [B, c] of the conditioning ([BOS, frames])."""
+        pos = _positions(cond_valid)
+        stride = self.dcfg.text_position_stride
+        return pos.float() * stride if stride else pos
+
+    def speech_positions(self, cond_valid: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        """Rotary positions [B, n] of speech inputs number `steps` ([n] or [B, n]; SOS is 0)."""
+        steps = steps.expand(cond_valid.shape[0], -1) if steps.dim() == 1 else steps
+        if self.dcfg.text_position_stride:
+            return steps
+        return cond_valid.sum(1)[:, None] + steps
+
     # --- conditioning ---------------------------------------------------------------------------
     def condition(self, text: torch.Tensor, text_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """LLM text embeddings [B, m, W] (+ validity [B, m]) -> [BOS, pre-net(frames)] and its validity."""
@@ -215,8 +234,7 @@ class SpeechDecoding:
         mask[:, :, p : p + c] = cond_valid[:, None, :]
         causal = torch.ones(t + 1, t + 1, dtype=torch.bool, device=codes.device).tril()
         mask[:, c:, p + c :] = causal[None] & speech_valid[:, None, :]
-        cond_len = cond_valid.sum(1)
-        positions = torch.cat([_positions(cond_valid), cond_len[:, None] + ar[None]], 1)
+        positions = torch.cat([self.cond_positions(cond_valid), self.speech_positions(cond_valid, ar)], 1)
         h, _ = self.decoder(x, positions, mask, past)
         logits = self.decoder.logits(h[:, c:])
         targets = torch.where(ar[None] < codes_lens[:, None], F.pad(codes, (0, 1)).clamp(min=0), -100)
@@ -259,10 +277,10 @@ class SpeechDecoding:
         prefix_valid = prefix_valid.expand(b, -1)
         p = prefix_valid.shape[1]
         device = cond.device
-        cond_len = cond_valid.sum(1)
+        cond_pos = self.cond_positions(cond_valid)
         # NAR prefill of the conditioning (full attention over prefix + conditioning)
         mask = torch.cat([prefix_valid[:, None].expand(-1, c, -1), cond_valid[:, None].expand(-1, c, -1)], 2)
-        _, past = self.decoder(cond, _positions(cond_valid), mask, prefix)
+        _, past = self.decoder(cond, cond_pos, mask, prefix)
         if on_prefill is not None:
             on_prefill()
         keys_valid = torch.cat([prefix_valid, cond_valid], 1)
@@ -274,7 +292,8 @@ class SpeechDecoding:
             keys_valid = torch.cat([keys_valid, torch.ones(b, 1, dtype=torch.bool, device=device)], 1)
             if use_cache:
                 x = self.embedding(token)[:, None].to(cond.dtype)
-                h, past = self.decoder(x, (cond_len + step)[:, None], keys_valid[:, None], past)
+                pos = self.speech_positions(cond_valid, torch.tensor([step], device=device))
+                h, past = self.decoder(x, pos, keys_valid[:, None], past)
             else:  # recompute conditioning + every token so far (prefix keys stay cached)
                 seq = self.embedding(torch.stack(history, 1)).to(cond.dtype)
                 n = seq.shape[1]
@@ -282,7 +301,7 @@ class SpeechDecoding:
                 m = keys_valid[:, None].expand(-1, c + n, -1).clone()
                 m[:, :c, p + c :] = False
                 m[:, c:, p + c :] &= torch.ones(n, n, dtype=torch.bool, device=device).tril()
-                pos = torch.cat([_positions(cond_valid), cond_len[:, None] + torch.arange(n, device=device)], 1)
+                pos = torch.cat([cond_pos, self.speech_positions(cond_valid, torch.arange(n, device=device))], 1)
                 h, _ = self.decoder(full, pos, m, prefix)
                 h = h[:, -1:]
             token = self._sample(self.decoder.logits(h[:, -1]), top_k, generator)
