@@ -197,30 +197,47 @@ def test_speech_decoder_paper_size_and_projection():
         SpeechDecoderNet(SpeechDecoderConfig(prefix_layers=3), 3584)
 
 
-def _toy_decoder(seed: int = 0, stride: float = 0.0):
+def _toy_decoder(seed: int = 0, stride: float = 0.0, durations: bool = False, window: float = 0.0):
     from modules.speech_decoder.network import SpeechDecoderConfig, SpeechDecoderNet
 
     torch.manual_seed(seed)
-    cfg = SpeechDecoderConfig(dim=32, num_heads=4, ffn_dim=64, codebook_size=16, dropout=0.0, text_position_stride=stride)
+    cfg = SpeechDecoderConfig(dim=32, num_heads=4, ffn_dim=64, codebook_size=16, dropout=0.0,
+                              text_position_stride=stride, duration_positions=durations,
+                              attention_window=window)  # fmt: skip
     net = SpeechDecoderNet(cfg, 64)
     with torch.no_grad():  # sharper logits than the default init, so that greedy paths vary
         net.decoder.out.weight.mul_(20)
     return net.eval()
 
 
-@pytest.mark.parametrize("stride", [0.0, 2.5])  # the release's positions; speech-aligned text positions
-def test_generation_with_and_without_cache_and_teacher_forcing_agree(stride):
-    net = _toy_decoder(stride=stride)
+# the release's positions; text frame j at j x 2.5; text at the positions of its durations, with
+# every text frame visible or only those within 3 tokens
+@pytest.mark.parametrize("stride,durations,window", [(0.0, False, 0.0), (2.5, False, 0.0), (0.0, True, 0.0),
+                                                     (0.0, True, 3.0)])  # fmt: skip
+def test_generation_with_and_without_cache_and_teacher_forcing_agree(stride, durations, window):
+    net = _toy_decoder(seed=1 if durations else 0, stride=stride, durations=durations, window=window)
     text, text_valid = torch.randn(2, 5, 64), torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
     hidden, hidden_valid = torch.randn(2, 4, 64), torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
     cached = net.generate(text, text_valid, hidden, hidden_valid, top_k=1, max_tokens=15)
     plain = net.generate(text, text_valid, hidden, hidden_valid, top_k=1, max_tokens=15, use_cache=False)
     assert [c.tolist() for c in cached] == [c.tolist() for c in plain]
-    # text frame j sits at j x stride and the speech from 0 (stride 0: after the conditioning)
     cond_valid = torch.ones(1, 4, dtype=torch.bool)
-    expected_cond = [0.0, 2.5, 5.0, 7.5] if stride else [0, 1, 2, 3]
-    assert net.cond_positions(cond_valid)[0].tolist() == expected_cond
-    assert net.speech_positions(cond_valid, torch.arange(3))[0].tolist() == ([0, 1, 2] if stride else [4, 5, 6])
+    dur = None
+    if durations:  # 2 frames per text token: token i's frames at its start and half-way through it
+        with torch.no_grad():
+            dur = net.predicted_durations(net.condition(text, text_valid)[0], text_valid)
+        assert (dur[1, 3:] == 0).all() and (dur >= 0).all()
+        assert net.cond_positions(cond_valid, torch.tensor([[2.0, 4.0]]))[0].tolist() == [0.0, 0.0, 1.0, 2.0, 4.0]
+        with pytest.raises(ValueError, match="durations"):
+            net.cond_positions(cond_valid)
+        near = net.near_text(torch.tensor([[0.0, 0.0, 1.0, 2.0, 8.0]]), torch.tensor([[0, 5]]))
+        assert near is None if not window else near[0].tolist() == [[True, True, True, True, False],
+                                                                    [True, False, False, True, True]]
+    else:  # text frame j sits at j x stride and the speech from 0 (stride 0: after the conditioning)
+        expected_cond = [0.0, 2.5, 5.0, 7.5] if stride else [0, 1, 2, 3]
+        assert net.cond_positions(cond_valid)[0].tolist() == expected_cond
+    speech_from = 0 if stride or durations else 4
+    assert net.speech_positions(cond_valid, torch.arange(3))[0].tolist() == [speech_from + i for i in range(3)]
     assert len(set(cached[0].tolist())) > 2  # not a degenerate path
     # the second row alone (no padding) generates the same tokens as inside the padded batch
     alone = net.generate(text[1:, :3], text_valid[1:, :3], hidden[1:, :2], hidden_valid[1:, :2], top_k=1, max_tokens=15)
@@ -228,7 +245,8 @@ def test_generation_with_and_without_cache_and_teacher_forcing_agree(stride):
     # teacher forcing on the generated tokens predicts them again (specials masked as in sampling)
     codes = torch.nn.utils.rnn.pad_sequence(cached, batch_first=True, padding_value=PAD_CODE)
     lens = torch.tensor([len(c) for c in cached])
-    logits, targets = net(text, text_valid, codes, lens, hidden, hidden_valid)
+    logits, targets, log_dur = net(text, text_valid, codes, lens, hidden, hidden_valid, dur)
+    assert (log_dur is not None) == durations
     logits[..., [16, 17, 19]] = float("-inf")
     for i, n in enumerate(lens.tolist()):
         assert logits[i, :n].argmax(-1).tolist() == cached[i].tolist()

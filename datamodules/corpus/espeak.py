@@ -51,20 +51,47 @@ PERCENT_RANGE = (0, 100)
 SILENCE_THRESHOLD = 0.01
 SILENCE_MARGIN_S = 0.08
 
-# int (*t_espeak_callback)(short *wav, int numsamples, espeak_EVENT *events); the events array is
-# not needed here, so it is declared as an opaque pointer.
+# int (*t_espeak_callback)(short *wav, int numsamples, espeak_EVENT *events); the events array
+# ends with an event of type 0 (espeakEVENT_LIST_TERMINATED).
 _SYNTH_CALLBACK_TYPE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+ESPEAK_EVENT_WORD = 1
+
+
+class _Event(ctypes.Structure):
+    """espeak_EVENT of speak_lib.h (the union `id` is 8 bytes: an int, a pointer or char[8])."""
+
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("unique_identifier", ctypes.c_uint),
+        ("text_position", ctypes.c_int),  # 1-based character position of the word in the text
+        ("length", ctypes.c_int),
+        ("audio_position", ctypes.c_int),  # ms
+        ("sample", ctypes.c_int),  # samples since the start of the synthesis
+        ("user_data", ctypes.c_void_p),
+        ("id", ctypes.c_char * 8),
+    ]
+
 
 # --- Process-wide singleton state ---------------------------------------------------------------
 _LOCK = threading.Lock()  # serializes every use of the library (its state is global)
 # Chunks of int16 samples produced by the current espeak_Synth call (guarded by _LOCK).
 _CHUNKS: list[np.ndarray] = []
+# (0-based character position, sample) of each word of the current espeak_Synth call.
+_WORDS: list[tuple[int, int]] = []
 
 
 def _on_samples(wav: ctypes.POINTER(ctypes.c_short), numsamples: int, events: int) -> int:
-    """Synthesis callback: copy the chunk out of eSpeak's buffer (it is reused after we return)."""
+    """Synthesis callback: copy the chunk out of eSpeak's buffer (it is reused after we return)
+    and note where each word starts."""
     if numsamples > 0 and wav:
         _CHUNKS.append(np.ctypeslib.as_array(wav, shape=(numsamples,)).copy())
+    if events:
+        event = ctypes.cast(events, ctypes.POINTER(_Event))
+        i = 0
+        while event[i].type != 0:
+            if event[i].type == ESPEAK_EVENT_WORD:
+                _WORDS.append((event[i].text_position - 1, event[i].sample))
+            i += 1
     return 0  # 0 = continue synthesis
 
 
@@ -216,6 +243,21 @@ def _is_mapped(path: str) -> bool:
     return str(Path(path).resolve()) in maps or path in maps
 
 
+def loud_bounds(
+    audio: np.ndarray,
+    sample_rate: int,
+    threshold: float = SILENCE_THRESHOLD,
+    margin_s: float = SILENCE_MARGIN_S,
+) -> tuple[int, int]:
+    """``(start, end)`` of ``audio`` without its leading/trailing silence, keeping ``margin_s``
+    of it on each side (when present). Raises ``ValueError`` if the audio is all silence."""
+    loud = np.flatnonzero(np.abs(audio) > threshold)
+    if loud.size == 0:
+        raise ValueError("audio contains only silence")
+    margin = round(margin_s * sample_rate)
+    return max(0, int(loud[0]) - margin), min(audio.shape[0], int(loud[-1]) + 1 + margin)
+
+
 def trim_silence(
     audio: np.ndarray,
     sample_rate: int,
@@ -226,12 +268,7 @@ def trim_silence(
 
     Raises ``ValueError`` if no sample exceeds ``threshold`` (the audio is all silence).
     """
-    loud = np.flatnonzero(np.abs(audio) > threshold)
-    if loud.size == 0:
-        raise ValueError("audio contains only silence")
-    margin = round(margin_s * sample_rate)
-    start = max(0, int(loud[0]) - margin)
-    end = min(audio.shape[0], int(loud[-1]) + 1 + margin)
+    start, end = loud_bounds(audio, sample_rate, threshold, margin_s)
     return audio[start:end]
 
 
@@ -283,6 +320,13 @@ class ESpeak:
         Leading/trailing silence longer than ~80 ms is trimmed. Raises ``ValueError`` for empty
         text or an unknown voice and ``RuntimeError`` if eSpeak fails or produces no audio.
         """
+        return self.synthesize_words(text, voice, seed)[0]
+
+    def synthesize_words(self, text: str, voice: Voice, seed: int = 0) -> tuple[np.ndarray, list[tuple[int, int]]]:
+        """`synthesize`, and where each word starts: ``(audio, [(character index in text, sample
+        index in audio)])``, the samples clipped to the trimmed audio (a word that starts in the
+        cut leading silence starts at 0).
+        """
         if not text or not text.strip():
             raise ValueError("cannot synthesize empty text")
         self.check_voice(voice)
@@ -304,25 +348,29 @@ class ESpeak:
             self._set_parameter(lib, ESPEAK_RANGE, voice.pitch_range, PERCENT_RANGE)
             self._set_parameter(lib, ESPEAK_VOLUME, 100, (0, 200))
             _CHUNKS.clear()
+            _WORDS.clear()
             try:
                 buf = ctypes.create_string_buffer(encoded)  # NUL-terminated copy
                 rc = lib.espeak_Synth(buf, len(encoded) + 1, 0, POS_CHARACTER, 0, ESPEAK_CHARS_UTF8, None, None)
                 if rc != EE_OK:
                     raise RuntimeError(f"espeak_Synth failed ({rc}) for text {text[:60]!r}")
                 lib.espeak_Synchronize()
-                chunks = list(_CHUNKS)
+                chunks, words = list(_CHUNKS), list(_WORDS)
             finally:
                 _CHUNKS.clear()
+                _WORDS.clear()
 
         if not chunks:
             raise RuntimeError(f"eSpeak produced no audio for {text[:60]!r} with voice {voice.espeak_name!r}")
         audio = np.concatenate(chunks).astype(np.float32) / 32768.0
         try:
-            return trim_silence(audio, self._sample_rate)
+            start, end = loud_bounds(audio, self._sample_rate)
         except ValueError as exc:
             raise RuntimeError(
                 f"eSpeak produced only silence for {text[:60]!r} with voice {voice.espeak_name!r}"
             ) from exc
+        words = [(char, min(max(sample - start, 0), end - start)) for char, sample in words]
+        return audio[start:end], words
 
     @staticmethod
     def _set_parameter(lib: ctypes.CDLL, param: int, value: int, bounds: tuple[int, int]) -> None:

@@ -50,6 +50,23 @@ class SpeechDecoderConfig:
     # frame j at j x stride, so that a speech token and the text it speaks sit at nearby positions
     # when stride is the mean number of codec tokens per conditioning frame.
     text_position_stride: float = 0.0
+    # Rotary positions from durations (overrides the stride): the speech tokens at 0, 1, 2, ...
+    # and the frames of text token i spread over [start_i, start_i + duration_i) in codec tokens,
+    # so that each speech token sits at the position of the text it speaks. Training takes the
+    # durations from eSpeak's word timings (`modules.speech_decoder.alignment`); a duration head on
+    # the pre-network learns them (log(1 + tokens), mean squared error) and generation uses its
+    # predictions unless durations are given.
+    duration_positions: bool = False
+    duration_weight: float = 1.0  # of the duration loss beside the codec-token cross-entropy
+    # With duration_positions: > 0 lets a speech token see only the text frames within this many
+    # codec tokens of its own position (and BOS), so that it reads the text it speaks and nothing
+    # far away; generation also ends a reply at 1.3 x its predicted length + 10 tokens. 0 = all.
+    attention_window: float = 0.0
+    # An RMSNorm (with its weight) on the text frames before the pre-network. An LLM's input
+    # embeddings are small (the tiny stand-in's RMS is 0.06, the decoder's own token embeddings'
+    # 1.0): without it the pre-network's first attention output drowns which token a frame is.
+    # Off = the release.
+    text_input_norm: bool = False
     top_k: int = 2  # the release's decoder_top_k
 
 
@@ -100,10 +117,14 @@ class TextPreNet(nn.Module):
     def __init__(self, cfg: SpeechDecoderConfig, llm_width: int):
         super().__init__()
         self.text_in = LLMToDecoder(llm_width, cfg.dim, cfg.llm_projection)
+        self.in_norm = RMSNorm(cfg.dim, cfg.rms_eps) if cfg.text_input_norm else None
         self.layers = _stack(cfg, cfg.pre_net_layers) if cfg.pre_net_layers else None
+        self.duration = nn.Linear(cfg.dim, 1) if cfg.duration_positions else None
 
     def forward(self, text: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x, valid = self.text_in(text, valid)
+        if self.in_norm is not None:
+            x = self.in_norm(x)
         if self.layers is not None:
             x, _ = self.layers(x, _positions(valid), _bidirectional_mask(valid))
         return x, valid
@@ -168,8 +189,17 @@ class SpeechDecoding:
         self.decoder = SharedStack(cfg)
 
     # --- positions ------------------------------------------------------------------------------
-    def cond_positions(self, cond_valid: torch.Tensor) -> torch.Tensor:
-        """Rotary positions [B, c] of the conditioning ([BOS, frames])."""
+    def cond_positions(self, cond_valid: torch.Tensor, durations: torch.Tensor | None = None) -> torch.Tensor:
+        """Rotary positions [B, c] of the conditioning ([BOS, frames]); `durations` [B, m] (codec
+        tokens per text token) with `duration_positions`."""
+        if self.dcfg.duration_positions:
+            if durations is None:
+                raise ValueError("speech_decoder.duration_positions needs the text tokens' durations")
+            r = self.pre_net.text_in.ratio
+            starts = durations.cumsum(1) - durations
+            within = torch.arange(r, device=durations.device, dtype=durations.dtype) / r
+            frames = (starts[:, :, None] + within * durations[:, :, None]).flatten(1)
+            return torch.cat([frames.new_zeros(frames.shape[0], 1), frames], 1)
         pos = _positions(cond_valid)
         stride = self.dcfg.text_position_stride
         return pos.float() * stride if stride else pos
@@ -177,9 +207,30 @@ class SpeechDecoding:
     def speech_positions(self, cond_valid: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
         """Rotary positions [B, n] of speech inputs number `steps` ([n] or [B, n]; SOS is 0)."""
         steps = steps.expand(cond_valid.shape[0], -1) if steps.dim() == 1 else steps
-        if self.dcfg.text_position_stride:
+        if self.dcfg.text_position_stride or self.dcfg.duration_positions:
             return steps
         return cond_valid.sum(1)[:, None] + steps
+
+    def near_text(self, cond_pos: torch.Tensor, speech_pos: torch.Tensor) -> torch.Tensor | None:
+        """[B, n, c]: which conditioning frames (BOS always) speech queries at `speech_pos` [B, n]
+        may see under `attention_window`; None when every frame is visible."""
+        w = self.dcfg.attention_window
+        if not (self.dcfg.duration_positions and w > 0):
+            return None
+        near = (cond_pos[:, None, :].float() - speech_pos[:, :, None].float()).abs() <= w
+        near[:, :, 0] = True
+        return near
+
+    def log_durations(self, cond: torch.Tensor, text_valid: torch.Tensor) -> torch.Tensor:
+        """The duration head's log(1 + codec tokens) per text token [B, m] (0 on padding), from
+        the conditioning [B, 1 + r m, d]."""
+        b, m = text_valid.shape
+        frames = cond[:, 1:].reshape(b, m, -1, cond.shape[-1]).mean(2)
+        return self.pre_net.duration(frames).squeeze(-1).float() * text_valid
+
+    def predicted_durations(self, cond: torch.Tensor, text_valid: torch.Tensor) -> torch.Tensor:
+        """Codec tokens per text token [B, m] from the duration head (0 on padding)."""
+        return self.log_durations(cond, text_valid).exp().sub(1).clamp(min=0) * text_valid
 
     # --- conditioning ---------------------------------------------------------------------------
     def condition(self, text: torch.Tensor, text_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,9 +261,12 @@ class SpeechDecoding:
         codes_lens: torch.Tensor,
         hidden: torch.Tensor | None = None,
         hidden_valid: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher forcing. codes [B, T] (padding anywhere >= codes_lens). Returns (logits of the
-        speech positions [B, T + 1, vocab], targets [B, T + 1] with -100 on padding)."""
+        durations: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Teacher forcing. codes [B, T] (padding anywhere >= codes_lens); `durations` [B, m] the
+        text tokens' codec tokens (`duration_positions`). Returns (logits of the speech positions
+        [B, T + 1, vocab], targets [B, T + 1] with -100 on padding, the duration head's
+        log(1 + tokens) [B, m] or None without `duration_positions`)."""
         b, t = codes.shape
         cond, cond_valid = self.condition(text, text_valid)
         past, prefix_valid = self.prefix_cache(hidden, hidden_valid)
@@ -234,12 +288,17 @@ class SpeechDecoding:
         mask[:, :, p : p + c] = cond_valid[:, None, :]
         causal = torch.ones(t + 1, t + 1, dtype=torch.bool, device=codes.device).tril()
         mask[:, c:, p + c :] = causal[None] & speech_valid[:, None, :]
-        positions = torch.cat([self.cond_positions(cond_valid), self.speech_positions(cond_valid, ar)], 1)
+        cond_pos, speech_pos = self.cond_positions(cond_valid, durations), self.speech_positions(cond_valid, ar)
+        near = self.near_text(cond_pos, speech_pos)
+        if near is not None:
+            mask[:, c:, p : p + c] &= near
+        positions = torch.cat([cond_pos, speech_pos], 1)
         h, _ = self.decoder(x, positions, mask, past)
         logits = self.decoder.logits(h[:, c:])
         targets = torch.where(ar[None] < codes_lens[:, None], F.pad(codes, (0, 1)).clamp(min=0), -100)
         targets[torch.arange(b), codes_lens] = self.ids["eos"]
-        return logits, targets
+        log_dur = self.log_durations(cond, text_valid) if self.dcfg.duration_positions else None
+        return logits, targets, log_dur
 
     # --- generation -----------------------------------------------------------------------------
     def _sample(self, logits: torch.Tensor, top_k: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -264,11 +323,13 @@ class SpeechDecoding:
         generator: torch.Generator | None = None,
         on_token=None,
         on_prefill=None,
+        durations: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
         """Codec tokens per batch row (without EOS). `use_cache=False` recomputes the whole
         sequence at every step (the benchmark's baseline); `on_token(step, tokens [B])` sees each
         step's tokens as they come (streaming); `on_prefill()` is called once the NAR prefill of
-        the conditioning is done (latency breakdowns)."""
+        the conditioning is done (latency breakdowns); `durations` [B, m] replace the duration
+        head's (`duration_positions`)."""
         top_k = self.dcfg.top_k if top_k is None else top_k
         max_tokens = self.dcfg.max_tokens if max_tokens is None else max_tokens
         cond, cond_valid = self.condition(text, text_valid)
@@ -277,13 +338,18 @@ class SpeechDecoding:
         prefix_valid = prefix_valid.expand(b, -1)
         p = prefix_valid.shape[1]
         device = cond.device
-        cond_pos = self.cond_positions(cond_valid)
+        if self.dcfg.duration_positions and durations is None:
+            durations = self.predicted_durations(cond, text_valid)
+        cond_pos = self.cond_positions(cond_valid, durations)
         # NAR prefill of the conditioning (full attention over prefix + conditioning)
         mask = torch.cat([prefix_valid[:, None].expand(-1, c, -1), cond_valid[:, None].expand(-1, c, -1)], 2)
         _, past = self.decoder(cond, cond_pos, mask, prefix)
         if on_prefill is not None:
             on_prefill()
         keys_valid = torch.cat([prefix_valid, cond_valid], 1)
+        limit = None
+        if self.near_text(cond_pos[:, :1], cond_pos[:, :1]) is not None:  # a window: a length limit too
+            limit = (durations.sum(1) * 1.3 + 10).long()
         token = torch.full((b,), self.ids["sos"], device=device)
         done = torch.zeros(b, dtype=torch.bool, device=device)
         out: list[torch.Tensor] = []
@@ -293,7 +359,11 @@ class SpeechDecoding:
             if use_cache:
                 x = self.embedding(token)[:, None].to(cond.dtype)
                 pos = self.speech_positions(cond_valid, torch.tensor([step], device=device))
-                h, past = self.decoder(x, pos, keys_valid[:, None], past)
+                m = keys_valid[:, None].clone()
+                near = self.near_text(cond_pos, pos)
+                if near is not None:
+                    m[:, :, p : p + c] &= near
+                h, past = self.decoder(x, pos, m, past)
             else:  # recompute conditioning + every token so far (prefix keys stay cached)
                 seq = self.embedding(torch.stack(history, 1)).to(cond.dtype)
                 n = seq.shape[1]
@@ -301,10 +371,16 @@ class SpeechDecoding:
                 m = keys_valid[:, None].expand(-1, c + n, -1).clone()
                 m[:, :c, p + c :] = False
                 m[:, c:, p + c :] &= torch.ones(n, n, dtype=torch.bool, device=device).tril()
-                pos = torch.cat([cond_pos, self.speech_positions(cond_valid, torch.arange(n, device=device))], 1)
+                speech_pos = self.speech_positions(cond_valid, torch.arange(n, device=device))
+                near = self.near_text(cond_pos, speech_pos)
+                if near is not None:
+                    m[:, c:, p : p + c] &= near
+                pos = torch.cat([cond_pos, speech_pos], 1)
                 h, _ = self.decoder(full, pos, m, prefix)
                 h = h[:, -1:]
             token = self._sample(self.decoder.logits(h[:, -1]), top_k, generator)
+            if limit is not None:
+                token = torch.where(step >= limit, self.ids["eos"], token)
             token = torch.where(done, self.ids["eos"], token)
             done |= token == self.ids["eos"]
             if on_token is not None:

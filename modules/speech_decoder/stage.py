@@ -33,6 +33,7 @@ from datamodules.shards.reader import iter_metadata, iter_raw
 from datamodules.text_qa import chat_messages
 from datamodules.tts import CODES_MEMBER, TTSDataModule
 from modules.llm.hf import load_llm
+from modules.speech_decoder.alignment import ESpeakAligner
 from modules.speech_decoder.network import SpeechDecoderConfig, SpeechDecoding
 from modules.stage import (
     StageModule,
@@ -66,6 +67,7 @@ class SpeechDecoder(SpeechDecoding, StageModule):
             )
         self.build_parts(dcfg, llm.config.hidden_size)
         self.llm, self.tokenizer = llm, tokenizer
+        self.aligner = ESpeakAligner(tokenizer) if dcfg.duration_positions else None
 
     def components(self) -> dict[str, nn.Module]:
         comps = {"embedding": self.embedding, "pre_net": self.pre_net, "decoder": self.decoder, "llm": self.llm}
@@ -113,11 +115,17 @@ class SpeechDecoder(SpeechDecoding, StageModule):
         return out, out_valid
 
     def conditioning(self, batch: dict) -> dict[str, torch.Tensor | None]:
+        """The decoder's inputs for a batch of texts (and chats); with `duration_positions` and
+        the codec tokens' counts (training), the text tokens' durations from eSpeak's timings."""
         text, text_valid = self.text_inputs(batch["texts"])
-        hidden = hidden_valid = None
+        hidden = hidden_valid = durations = None
         if "messages" in batch and self.prefix is not None:
             hidden, hidden_valid = self.reply_hidden_states(batch["messages"], batch["texts"])
-        return {"text": text, "text_valid": text_valid, "hidden": hidden, "hidden_valid": hidden_valid}
+        if self.aligner is not None and "codes_lens" in batch:
+            lens = [int(n) for n in batch["codes_lens"]]
+            durations = torch.from_numpy(self.aligner.durations(batch["texts"], lens, text.shape[1])).to(self.device)
+        return {"text": text, "text_valid": text_valid, "hidden": hidden, "hidden_valid": hidden_valid,
+                "durations": durations}  # fmt: skip
 
     # --- training -------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
@@ -125,13 +133,18 @@ class SpeechDecoder(SpeechDecoding, StageModule):
 
     def _step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         cond = self.conditioning(batch)
-        logits, targets = self.teacher_forced(
+        logits, targets, log_dur = self.teacher_forced(
             cond["text"], cond["text_valid"], batch["codes"].to(self.device), batch["codes_lens"].to(self.device),
-            cond["hidden"], cond["hidden_valid"],
+            cond["hidden"], cond["hidden_valid"], cond["durations"],
         )  # fmt: skip
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         keep = targets != -100
         accuracy = (logits.argmax(-1)[keep] == targets[keep]).float().mean()
+        if log_dur is not None:
+            valid = cond["text_valid"]
+            err = (log_dur - torch.log1p(cond["durations"])).square()[valid].mean()
+            self.log(f"{'train' if self.training else 'val'}/duration_mse", err, batch_size=len(batch["texts"]))
+            loss = loss + self.dcfg.duration_weight * err
         return loss, accuracy
 
     def training_step(self, batch, batch_idx):

@@ -1,0 +1,73 @@
+"""Where each text token of an answer is spoken, from eSpeak's word events.
+
+The decoder's training speech is eSpeak's assistant voice, so the synthesizer can say where every
+word of a training text starts. `token_fractions` spreads those word starts over the LLM's tokens
+(by character position, linearly between word starts) and gives each token's start as a share of
+the utterance; times the utterance's codec-token count they are the token durations that
+`speech_decoder.duration_positions` trains on (and that its duration head learns to predict).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def token_fractions(
+    text: str, offsets: list[tuple[int, int]], words: list[tuple[int, int]], num_samples: int
+) -> np.ndarray:
+    """Start of each token [m] plus the end (1.0) as shares of the utterance: [m + 1], non-decreasing.
+
+    `offsets` are the tokens' character spans in `text` (a tokenizer's offset mapping), `words`
+    the (character index, sample index) of each spoken word's start, `num_samples` the audio's
+    length. A token starts at its first non-space character; characters between two word starts
+    are spread evenly over the time between them, those after the last word over the time to the
+    end of the audio.
+    """
+    if num_samples <= 0:
+        raise ValueError("the utterance has no samples")
+    chars = [c for c, _ in words]
+    times = [min(max(s, 0), num_samples) for _, s in words]
+    if not chars or chars[0] > 0:
+        chars, times = [0, *chars], [0, *times]
+    chars.append(max(len(text), chars[-1] + 1))
+    times.append(num_samples)
+    times = np.maximum.accumulate(np.asarray(times, dtype=np.float64))
+    starts = []
+    for s, e in offsets:
+        piece = text[s:e]
+        starts.append(s + len(piece) - len(piece.lstrip()) if piece.strip() else s)
+    out = np.interp(np.asarray(starts, dtype=np.float64), np.asarray(chars, dtype=np.float64), times) / num_samples
+    return np.maximum.accumulate(np.append(out, 1.0))
+
+
+class ESpeakAligner:
+    """Token start shares (`token_fractions`) of texts spoken in the assistant voice, cached by text."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.cache: dict[str, np.ndarray] = {}
+        self._tts = None
+
+    def __call__(self, text: str) -> np.ndarray:
+        if text not in self.cache:
+            from datamodules.corpus.espeak import ESpeak
+            from datamodules.corpus.voices import ASSISTANT_VOICE
+
+            self._tts = self._tts or ESpeak()
+            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            try:
+                audio, words = self._tts.synthesize_words(text, ASSISTANT_VOICE)
+                self.cache[text] = token_fractions(text, enc["offset_mapping"], words, len(audio))
+            except (RuntimeError, ValueError):  # nothing to speak: spread the tokens evenly
+                m = len(enc["input_ids"])
+                self.cache[text] = np.linspace(0.0, 1.0, m + 1)
+        return self.cache[text]
+
+    def durations(self, texts: list[str], lengths: list[int], width: int) -> np.ndarray:
+        """[B, width] codec tokens per text token (0 past a text's end): each text's shares times
+        its number of codec tokens."""
+        out = np.zeros((len(texts), width), dtype=np.float32)
+        for i, (text, n) in enumerate(zip(texts, lengths)):
+            d = np.diff(self(text)) * n
+            out[i, : len(d)] = d[:width]
+        return out
