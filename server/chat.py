@@ -82,7 +82,7 @@ def chat_file(model: DuplexModel, wav: np.ndarray) -> dict:
     session = model.new_session()
     audio = with_listening_tail(wav)
     track = np.zeros(int(len(audio) / INPUT_RATE * OUTPUT_RATE), np.float32)
-    turns, events, playing_until = [], [], 0.0
+    turns, events, replies, playing_until = [], [], [], 0.0
     for i in range(0, len(audio), CHUNK_SAMPLES):
         for ev in model.feed(session, audio[i : i + CHUNK_SAMPLES]):
             t = round((ev.chunk + 1) * CHUNK_SAMPLES / INPUT_RATE, 2)
@@ -103,7 +103,29 @@ def chat_file(model: DuplexModel, wav: np.ndarray) -> dict:
             turns.append({"decision_s": t, "user_heard": user, "assistant": reply.text, "segments": reply.segments,
                           "reply_tokens": reply.tokens, "audio_s": round(len(reply.audio) / OUTPUT_RATE, 2),
                           "barge_in": barge_in, "latency_ms": reply.latency_ms})  # fmt: skip
-    return {"events": events, "turns": turns, "track": track, "input": audio}
+            replies.append(reply.audio)
+    return {"events": events, "turns": turns, "track": track, "input": audio, "replies": replies}
+
+
+def trained_judge(cfg: DictConfig):
+    """The experiment's intelligibility judge, or None when none is trained."""
+    from modules.encoder.ctc import load_judge
+
+    try:
+        return load_judge(cfg)
+    except FileNotFoundError:
+        return None
+
+
+def judge_turns(judge, turns: list[dict], replies: list[np.ndarray]) -> None:
+    """Adds what the judge hears in each spoken reply and its WER against the reply's text."""
+    from datamodules.transcripts import wer
+    from modules.encoder.ctc import transcribe
+
+    spoken = [(t, a) for t, a in zip(turns, replies) if len(a)]
+    heard = transcribe(judge, [a for _, a in spoken], OUTPUT_RATE) if spoken else []
+    for (t, _), h in zip(spoken, heard):
+        t["judge_heard"], t["judge_wer"] = h, round(wer([h], [t["assistant"]]), 3)
 
 
 def chat(cfg: DictConfig, input_wav: str, output_wav: str) -> dict:
@@ -116,9 +138,12 @@ def chat(cfg: DictConfig, input_wav: str, output_wav: str) -> dict:
     elif out.parent:
         out.parent.mkdir(parents=True, exist_ok=True)
     model = DuplexModel.load(cfg, transcribe_user=True)  # the transcript prints what the user said
+    judge = trained_judge(cfg)  # what a listener hears in the spoken answers
     results, answers, lines = {}, [], []
     for f, wav in inputs.items():
         r = chat_file(model, wav)
+        if judge is not None:
+            judge_turns(judge, r["turns"], r["replies"])
         start = len(lines)
         target = out / f"{f.stem}.answer.wav" if several else out
         sf.write(target, r["track"], OUTPUT_RATE)
@@ -137,6 +162,8 @@ def chat(cfg: DictConfig, input_wav: str, output_wav: str) -> dict:
             lines.append(f"  {'':10s} assistant: {t['assistant']}   ({t['audio_s']} s of speech, first PCM after "
                   f"{lat:.0f} ms{', barge-in' if t['barge_in'] else ''})" if lat is not None else
                   f"  {'':10s} assistant: {t['assistant']}   (no speech)")  # fmt: skip
+            if "judge_heard" in t:
+                lines.append(f"  {'':10s} judge heard: {t['judge_heard']}   (WER {100 * t['judge_wer']:.0f}%)")
         dropped = [e for e in r["events"] if e["event"] in ("drop", "vad_timeout")]
         if dropped:
             lines.append("  turns dropped: " + ", ".join(f"{e['event']} at {e['t_s']} s" for e in dropped))
