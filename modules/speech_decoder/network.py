@@ -211,13 +211,17 @@ class SpeechDecoding:
             return steps
         return cond_valid.sum(1)[:, None] + steps
 
+    @property
+    def windowed(self) -> bool:
+        """Whether speech tokens see only the text frames near them (`attention_window`)."""
+        return self.dcfg.duration_positions and self.dcfg.attention_window > 0
+
     def near_text(self, cond_pos: torch.Tensor, speech_pos: torch.Tensor) -> torch.Tensor | None:
         """[B, n, c]: which conditioning frames (BOS always) speech queries at `speech_pos` [B, n]
         may see under `attention_window`; None when every frame is visible."""
-        w = self.dcfg.attention_window
-        if not (self.dcfg.duration_positions and w > 0):
+        if not self.windowed:
             return None
-        near = (cond_pos[:, None, :].float() - speech_pos[:, :, None].float()).abs() <= w
+        near = (cond_pos[:, None, :].float() - speech_pos[:, :, None].float()).abs() <= self.dcfg.attention_window
         near[:, :, 0] = True
         return near
 
@@ -347,9 +351,7 @@ class SpeechDecoding:
         if on_prefill is not None:
             on_prefill()
         keys_valid = torch.cat([prefix_valid, cond_valid], 1)
-        limit = None
-        if self.near_text(cond_pos[:, :1], cond_pos[:, :1]) is not None:  # a window: a length limit too
-            limit = (durations.sum(1) * 1.3 + 10).long()
+        limit = (durations.sum(1) * 1.3 + 10).long() if self.windowed else None  # a window: a length limit too
         token = torch.full((b,), self.ids["sos"], device=device)
         done = torch.zeros(b, dtype=torch.bool, device=device)
         out: list[torch.Tensor] = []
@@ -359,9 +361,10 @@ class SpeechDecoding:
             if use_cache:
                 x = self.embedding(token)[:, None].to(cond.dtype)
                 pos = self.speech_positions(cond_valid, torch.tensor([step], device=device))
-                m = keys_valid[:, None].clone()
+                m = keys_valid[:, None]
                 near = self.near_text(cond_pos, pos)
                 if near is not None:
+                    m = m.clone()
                     m[:, :, p : p + c] &= near
                 h, past = self.decoder(x, pos, m, past)
             else:  # recompute conditioning + every token so far (prefix keys stay cached)
