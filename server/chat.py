@@ -107,16 +107,6 @@ def chat_file(model: DuplexModel, wav: np.ndarray) -> dict:
     return {"events": events, "turns": turns, "track": track, "input": audio, "replies": replies}
 
 
-def trained_judge(cfg: DictConfig):
-    """The experiment's intelligibility judge, or None when none is trained."""
-    from modules.encoder.ctc import load_judge
-
-    try:
-        return load_judge(cfg)
-    except FileNotFoundError:
-        return None
-
-
 def judge_turns(judge, turns: list[dict], replies: list[np.ndarray]) -> None:
     """Adds what the judge hears in each spoken reply and its WER against the reply's text."""
     from datamodules.transcripts import wer
@@ -138,7 +128,9 @@ def chat(cfg: DictConfig, input_wav: str, output_wav: str) -> dict:
     elif out.parent:
         out.parent.mkdir(parents=True, exist_ok=True)
     model = DuplexModel.load(cfg, transcribe_user=True)  # the transcript prints what the user said
-    judge = trained_judge(cfg)  # what a listener hears in the spoken answers
+    from modules.encoder.ctc import trained_judge
+
+    judge = trained_judge(cfg, "chat")  # what a listener hears in the spoken answers
     results, answers, lines = {}, [], []
     for f, wav in inputs.items():
         r = chat_file(model, wav)

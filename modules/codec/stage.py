@@ -231,13 +231,9 @@ class Codec(StageModule):
         """Validation transcribes its reconstructions with the intelligibility judge (stage
         `judge`) when that has run: `val/judge_wer` and one point of `judge_curve` per validation,
         against the minutes spent training (validation time left out)."""
-        from modules.encoder.ctc import load_judge
+        from modules.encoder.ctc import trained_judge
 
-        try:
-            judge = load_judge(self.cfg)
-        except FileNotFoundError as e:
-            log.info("codec validation without the judge's WER: %s", e)
-            judge = None
+        judge = trained_judge(self.cfg, "codec validation")
         self.__dict__["_judge"] = judge  # not a submodule: never trained, moved or saved with the codec
         self.judge_curve: list[dict] = []
         self._fit_clock, self._val_seconds = time.monotonic(), 0.0

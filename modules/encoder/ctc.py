@@ -271,6 +271,15 @@ def load_judge(cfg: DictConfig) -> EncoderCTC:
     return module.eval()
 
 
+def trained_judge(cfg: DictConfig, without: str) -> EncoderCTC | None:
+    """`load_judge`, or None (logged as "`without` without the judge: why") when no judge is trained."""
+    try:
+        return load_judge(cfg)
+    except FileNotFoundError as e:
+        log.info("%s without the judge: %s", without, e)
+        return None
+
+
 def reading_tts(cfg: DictConfig, split: str) -> DictConfig:
     """A copy of cfg whose ASR `split` is the TTS split of the same name: the assistant voice,
     read by the ASR loader."""
