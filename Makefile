@@ -107,13 +107,16 @@ demo-eval-output: setup | $(DECODER_RUNS) demo-eval-judge demo-eval-codec
 	@cat runs/$(EXP)/eval/judge.md runs/$(EXP)/eval/codec.md runs/$(EXP)/eval/speech_output.md
 
 # Duplex: the state classifier after stage 3, then a spoken exchange with the whole
-# chain (two questions of a test dialogue in one file), last.
+# chain (two questions of a test dialogue in one file), last. The second question starts
+# CHAT_PAUSE seconds after the first ends, after the spoken answer (about 2-5 s); a shorter
+# pause makes it a barge-in.
+CHAT_PAUSE ?= 6.0
 demo-state: setup | demo-prompt
 	$(RUN1) stage=input_4_state
 demo-eval-state: setup | demo-state
 	$(PY) infer.py eval_state $(EXPARGS) trainer.num_threads=1
 demo-chat: setup | demo-state demo-prefix-main
-	$(PY) -m tools.make_chat_input --corpus $(CORPUS) --out runs/$(EXP)/chat/question.wav
+	$(PY) -m tools.make_chat_input --corpus $(CORPUS) --out runs/$(EXP)/chat/question.wav --pause $(CHAT_PAUSE)
 	$(PY) infer.py chat $(EXPARGS) trainer.num_threads=1 input_wav=runs/$(EXP)/chat/question.wav output_wav=runs/$(EXP)/chat/answer.wav
 
 # The exchange runs beside the last evaluations; the summary prints every table once all are done.
