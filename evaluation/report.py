@@ -80,14 +80,26 @@ def git_commit(root: Path = ROOT) -> str | None:
 
 
 def cpu_name() -> str | None:
-    """The CPU model from /proc/cpuinfo (Linux), else what `platform` knows."""
+    """The CPU model from /proc/cpuinfo (Linux), else what `platform` knows, with the vector
+    instructions torch uses and whether `precision: auto` trains in bf16 there: one model name
+    (e.g. "AMD EPYC") covers machines whose demo times differ by 1.5x."""
+    name = None
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+                name = line.split(":", 1)[1].strip()
+                break
     except OSError:
         pass
-    return platform.processor() or platform.machine() or None
+    name = name or platform.processor() or platform.machine() or None
+    if name is None:
+        return None
+    import torch
+
+    from modules.stage import native_bf16
+
+    isa = torch.backends.cpu.get_cpu_capability()
+    return f"{name} ({isa}, {'bf16' if native_bf16('cpu') else 'fp32'})"
 
 
 def read_sources(exp_dir: Path) -> dict[str, dict | None]:

@@ -158,3 +158,15 @@ def test_rewrite_readme_reads_the_demo_and_tiny_reports(tmp_path):
         README_END,  # only the paper's Tables 1-4; `small` is not a README experiment
         "bottom",
     ]
+
+
+def test_cpu_name_says_which_vector_unit_and_precision(monkeypatch):
+    """Two EPYCs, one with AVX512-BF16 and one with AVX2 only, run the demo 1.5x apart: the CPU
+    column names the instructions torch uses and the precision `auto` picks there."""
+    import torch
+
+    import evaluation.report as report
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    name = report.cpu_name()
+    assert name is not None and name.endswith("(AVX2, fp32)")  # no bf16 without AVX512
