@@ -299,13 +299,24 @@ def readme_block(reports: list[str]) -> str:
     return "\n".join(block) + "\n"
 
 
+def _block_rows(text: str, experiment: str) -> str:
+    """The rows of `experiment` in the README's current results block ("" when none)."""
+    start, end = text.find(README_BEGIN), text.find(README_END)
+    rows = text[start:end].splitlines() if 0 <= start < end else []
+    return "\n".join(r for r in rows if r.startswith("| ") and r.split("|")[2].strip() == experiment)
+
+
 def rewrite_readme(readme: Path | str, run_root: Path | str, experiments=README_EXPERIMENTS) -> str:
-    """Rewrite the README's results block from runs/<exp>/report.md of each experiment that has one."""
+    """Rewrite the README's results block from runs/<exp>/report.md of each experiment that has
+    one; an experiment without a report under `run_root` keeps its rows (a `make demo` does not
+    erase the full recipe's)."""
     readme = Path(readme)
-    found = [p for p in (Path(run_root) / e / "report.md" for e in experiments) if p.is_file()]
-    if not found:
+    text = readme.read_text()
+    paths = {e: Path(run_root) / e / "report.md" for e in experiments}
+    if not any(p.is_file() for p in paths.values()):
         raise FileNotFoundError(f"no report.md under {run_root} for {', '.join(experiments)}: run `make report` first")
-    text = replace_readme_block(readme.read_text(), readme_block([p.read_text() for p in found]))
+    reports = [p.read_text() if p.is_file() else _block_rows(text, e) for e, p in paths.items()]
+    text = replace_readme_block(text, readme_block(reports))
     readme.write_text(text)
     return text
 

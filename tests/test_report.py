@@ -158,6 +158,13 @@ def test_rewrite_readme_reads_the_demo_and_tiny_reports(tmp_path):
         README_END,  # only the paper's Tables 1-4; `small` is not a README experiment
         "bottom",
     ]
+    # A new demo report alone replaces the demo rows and keeps the full recipe's.
+    (runs / "tiny" / "report.md").unlink()
+    (runs / "demo" / "report.md").write_text("| 2: b | demo | new | `c` | cpu | def | 2026-01-02 |\n")
+    rewrite_readme(readme, runs)
+    assert [r.split(" | ")[1:3] for r in readme.read_text().splitlines()[4:-2]] == [
+        ["tiny", "r"], ["demo", "new"], ["tiny", "r"]
+    ]
 
 
 def test_cpu_name_says_which_vector_unit_and_precision(monkeypatch):
