@@ -9,7 +9,11 @@ the utterance; times the utterance's codec-token count they are the token durati
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 def token_fractions(
@@ -41,11 +45,16 @@ def token_fractions(
 
 
 class ESpeakAligner:
-    """Token start shares (`token_fractions`) of texts spoken in the assistant voice, cached by text."""
+    """Token start shares (`token_fractions`) of texts spoken in the assistant voice, cached by text.
+
+    A text eSpeak gives no word timings for (nothing it can say) gets its tokens spread evenly;
+    `fallbacks` counts those texts and the first one is logged, so a corpus where that is common
+    shows it (the decoder stage logs the count as `aligner_fallbacks`)."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.cache: dict[str, np.ndarray] = {}
+        self.fallbacks = 0
         self._tts = None
 
     def __call__(self, text: str) -> np.ndarray:
@@ -58,7 +67,10 @@ class ESpeakAligner:
             try:
                 audio, words = self._tts.synthesize_words(text, ASSISTANT_VOICE)
                 self.cache[text] = token_fractions(text, enc["offset_mapping"], words, len(audio))
-            except (RuntimeError, ValueError):  # nothing to speak: spread the tokens evenly
+            except (RuntimeError, ValueError) as e:  # nothing to speak: spread the tokens evenly
+                if not self.fallbacks:
+                    log.warning("no eSpeak word timings for %r (%s): its tokens are spread evenly", text[:80], e)
+                self.fallbacks += 1
                 m = len(enc["input_ids"])
                 self.cache[text] = np.linspace(0.0, 1.0, m + 1)
         return self.cache[text]

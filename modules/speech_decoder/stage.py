@@ -152,6 +152,8 @@ class SpeechDecoder(SpeechDecoding, StageModule):
         n = len(batch["texts"])
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         self.log("train/token_accuracy", acc, batch_size=n)
+        if self.aligner is not None:
+            self.log("train/aligner_fallbacks", float(self.aligner.fallbacks), batch_size=n)
         return loss
 
     def validation_step(self, batch, batch_idx):
