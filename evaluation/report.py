@@ -281,11 +281,17 @@ def write_report(run_root: Path | str, experiment: str) -> dict:
     return report
 
 
-def replace_readme_block(text: str, block: str) -> str:
-    """`text` with everything between the results markers replaced by `block` (markers kept)."""
+def _block_bounds(text: str) -> tuple[int, int]:
+    """Where the results markers start in `text`; a ValueError when it has no such block."""
     start, end = text.find(README_BEGIN), text.find(README_END)
     if start < 0 or end < start:
         raise ValueError(f"README has no '{README_BEGIN}' ... '{README_END}' block")
+    return start, end
+
+
+def replace_readme_block(text: str, block: str) -> str:
+    """`text` with everything between the results markers replaced by `block` (markers kept)."""
+    start, end = _block_bounds(text)
     return text[: start + len(README_BEGIN)] + "\n" + block.strip("\n") + "\n" + text[end:]
 
 
@@ -301,8 +307,8 @@ def readme_block(reports: list[str]) -> str:
 
 def _block_rows(text: str, experiment: str) -> str:
     """The rows of `experiment` in the README's current results block ("" when none)."""
-    start, end = text.find(README_BEGIN), text.find(README_END)
-    rows = text[start:end].splitlines() if 0 <= start < end else []
+    start, end = _block_bounds(text)
+    rows = text[start:end].splitlines()
     return "\n".join(r for r in rows if r.startswith("| ") and r.split("|")[2].strip() == experiment)
 
 

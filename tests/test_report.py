@@ -163,7 +163,9 @@ def test_rewrite_readme_reads_the_demo_and_tiny_reports(tmp_path):
     (runs / "demo" / "report.md").write_text("| 2: b | demo | new | `c` | cpu | def | 2026-01-02 |\n")
     rewrite_readme(readme, runs)
     assert [r.split(" | ")[1:3] for r in readme.read_text().splitlines()[4:-2]] == [
-        ["tiny", "r"], ["demo", "new"], ["tiny", "r"]
+        ["tiny", "r"],
+        ["demo", "new"],
+        ["tiny", "r"],
     ]
 
 
