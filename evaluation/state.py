@@ -133,6 +133,20 @@ def report_table(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def context_table(by_context: dict) -> str:
+    """The turns that open a conversation against those after an earlier exchange
+    (`data.turns.context_prob`); empty when all are of one sort."""
+    if len(by_context) < 2:
+        return ""
+    lines = ["", "| turn | turns | questions answered after the end | cut in before it | false answers |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    names = {"first_turn": "opens the conversation", "after_exchange": "after a question and its answer"}
+    for key, r in by_context.items():
+        lines.append(f"| {names[key]} | {r['turns']} | {100 * r['answered_questions']:.1f}% | "
+                     f"{100 * r['cut_in_rate']:.1f}% | {100 * r['false_answer_rate']:.1f}% |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 SWEEP = (0.5, 0.6, 0.7, 0.8, 0.9)  # answer thresholds
 
 
@@ -165,13 +179,23 @@ def evaluate_state(cfg: DictConfig, module: SpeechLLM | None = None) -> dict:
     module = module or load_speech_llm(cfg, [ALIGN, PROMPT, STATE])
     turns = cfg.data.turns
     s = cfg.speech_llm
-    dev = record_turns(module, turns.dev_shards, cfg.eval.limit, turns.record_batch, "LLM states, dev turns")
+    dev = record_turns(module, turns.dev_shards, cfg.eval.limit, turns.record_batch, "LLM states, dev turns",
+                       turns.context_prob)  # fmt: skip
     sweep, sweep_table = threshold_sweep(module, dev["turns"])
-    recorded = record_turns(module, turns.test_shards, cfg.eval.limit, turns.record_batch, "LLM states, test turns")
-    result = state_report(module, recorded["turns"], s.state_answer_threshold, s.state_drop_threshold)
+    recorded = record_turns(module, turns.test_shards, cfg.eval.limit, turns.record_batch, "LLM states, test turns",
+                            turns.context_prob)  # fmt: skip
+    thresholds = (s.state_answer_threshold, s.state_drop_threshold)
+    result = state_report(module, recorded["turns"], *thresholds)
     result["skipped"] = recorded["skipped"]
+    result["by_context"] = {}
+    for name, ctx in (("first_turn", False), ("after_exchange", True)):
+        if sub := [t for t in recorded["turns"] if t["context"] == ctx]:
+            r = state_report(module, sub, *thresholds)
+            result["by_context"][name] = {k: r[k] for k in ("turns", "answered_questions", "cut_in_rate",
+                                                             "false_answer_rate")}  # fmt: skip
     result["dev_threshold_sweep"] = sweep
-    result["table"] = (report_table(result) + "\nThe thresholds on the dev turns (pick them here, set "
+    result["table"] = (report_table(result) + context_table(result["by_context"]) +
+                       "\nThe thresholds on the dev turns (pick them here, set "
                        "`speech_llm.state_drop_threshold` and `speech_llm.state_answer_threshold`):\n\n"
                        + sweep_table)  # fmt: skip
     out = eval_dir(cfg)

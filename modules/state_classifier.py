@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import zlib
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -86,47 +87,95 @@ class StateClassifier(nn.Linear):
 
 # --- recording the LLM's states -------------------------------------------------------------------
 @torch.no_grad()  # not inference_mode: the head trains on these tensors
-def chunk_states(module: SpeechLLM, wavs: list[np.ndarray]) -> list[torch.Tensor]:
+def chunk_states(
+    module: SpeechLLM, wavs: list[np.ndarray], contexts: list[torch.Tensor | None] | None = None
+) -> list[torch.Tensor]:
     """Per 16 kHz turn: the LLM's last hidden state at the end of each chunk, [C, D] float32.
 
-    The sequence is the streaming path's: system turn, user-turn start (with the prompt), speech.
-    Chunk c ends with speech embedding 2c + 1 (the adapter gives two per 160 ms chunk).
+    The sequence is the streaming path's: system turn, the earlier exchange `contexts[i]` where
+    one is given (`exchange_embeddings`), user-turn start (with the prompt), speech. Chunk c ends
+    with speech embedding 2c + 1 (the adapter gives two per 160 ms chunk).
     """
     dev = module.state_head.weight.device
     feats = [torch.from_numpy(fbank(w)) for w in wavs]
     lens = torch.tensor([len(f) for f in feats])
     padded = nn.utils.rnn.pad_sequence(feats, batch_first=True).to(dev)
     speech, speech_lens = module.speech_embeddings(padded, lens.to(dev), int(module.cfg.encoder.chunk_frames))
-    head = torch.cat([module.embed_ids(module.layout.system), module.user_turn_start(PROMPT_TURN)])
-    n0 = len(head)
-    total = n0 + int(speech_lens.max())
-    emb = head.new_zeros(len(wavs), total, head.shape[1])
+    system, start = module.embed_ids(module.layout.system), module.user_turn_start(PROMPT_TURN)
+    heads = [torch.cat([system, c, start]) if c is not None else torch.cat([system, start])
+             for c in contexts or [None] * len(wavs)]  # fmt: skip
+    total = max(len(h) + s for h, s in zip(heads, speech_lens.tolist()))
+    emb = system.new_zeros(len(wavs), total, system.shape[1])
     mask = torch.zeros(len(wavs), total, dtype=torch.long, device=dev)
-    for i, s in enumerate(speech_lens.tolist()):
-        emb[i, :n0] = head
-        emb[i, n0 : n0 + s] = speech[i, :s].to(head.dtype)
-        mask[i, : n0 + s] = 1
+    for i, (h, s) in enumerate(zip(heads, speech_lens.tolist())):
+        emb[i, : len(h)] = h
+        emb[i, len(h) : len(h) + s] = speech[i, :s].to(h.dtype)
+        mask[i, : len(h) + s] = 1
     hidden = module.llm(inputs_embeds=emb, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
     out = []
-    for i, s in enumerate(speech_lens.tolist()):
-        ends = [n0 + min(2 * c + 1, s - 1) for c in range(math.ceil(s / 2))]
+    for i, (h, s) in enumerate(zip(heads, speech_lens.tolist())):
+        ends = [len(h) + min(2 * c + 1, s - 1) for c in range(math.ceil(s / 2))]
         out.append(hidden[i, ends].float().cpu())
     return out
 
 
-def record_turns(module: SpeechLLM, shards: str, limit: int = 0, batch: int = 16, desc: str = "turns") -> dict:
-    """{"turns": [{"id", "kind", "label", "end", "duration", "states" [C, D], "labels" [C]}],
-    "skipped": {reason: count}} for the turns of `shards` (the first `limit`; 0 = all)."""
+@torch.no_grad()
+def exchange_embeddings(module: SpeechLLM, question: np.ndarray) -> torch.Tensor:
+    """The LLM inputs [P, D] of an exchange that opens a conversation: the user turn with the
+    speech of `question` (16 kHz), then the frozen LLM's own greedy reply to it (the streaming
+    path's) and the end of the assistant turn."""
+    from modules.speech_llm.streaming import StreamingInput  # imported here: it imports the model module
+
+    stream = StreamingInput(module, PROMPT_TURN)
+    state = stream.start()
+    stream.accept_audio(state, question)
+    reply = stream.reply(state)
+    dev = module.state_head.weight.device
+    feats = torch.from_numpy(fbank(question))[None].to(dev)
+    speech, lens = module.speech_embeddings(feats, torch.tensor([feats.shape[1]], device=dev),
+                                            int(module.cfg.encoder.chunk_frames))  # fmt: skip
+    start = module.user_turn_start(PROMPT_TURN)
+    return torch.cat([start, speech[0, : int(lens[0])].to(start.dtype), module.user_turn_end(),
+                      module.embed_ids([*reply, *module.layout.answer_end])])  # fmt: skip
+
+
+def _follows_exchange(turn_id: str, share: float) -> bool:
+    """Whether a turn is recorded after an earlier exchange: a fixed draw per turn id."""
+    return share > 0 and zlib.crc32(turn_id.encode()) % 10_000 < share * 10_000
+
+
+def record_turns(
+    module: SpeechLLM, shards: str, limit: int = 0, batch: int = 16, desc: str = "turns", context_prob: float = 0.0
+) -> dict:
+    """{"turns": [{"id", "kind", "label", "end", "duration", "context", "states" [C, D], "labels" [C]}],
+    "skipped": {reason: count}} for the turns of `shards` (the first `limit`; 0 = all).
+
+    `context_prob` of the turns (a fixed draw per turn id) follow an earlier exchange, as every
+    turn after a conversation's first does (`exchange_embeddings`; the earlier question is the last
+    question turn read before it): a head that only ever saw a conversation's first turn reads
+    the state after an answer as the end of a question."""
     counter = SkipCounter()
     turns, pending = [], []
+    previous: dict = {}  # the last question turn read: its "wav" and, once needed, its exchange "emb"
 
     def flush():
-        for sample, states in zip(pending, chunk_states(module, [p["wav"] for p in pending])):
+        contexts = []
+        for sample in pending:
+            m = sample["meta"]
+            follows = bool(previous) and _follows_exchange(str(m.get("id", sample["key"])), context_prob)
+            if follows and "emb" not in previous:  # the LLM answers each earlier question once
+                previous["emb"] = exchange_embeddings(module, previous["wav"])
+            contexts.append(previous["emb"] if follows else None)
+            if m["kind"] == "question":
+                previous.clear()
+                previous["wav"] = sample["wav"]
+        states_of = chunk_states(module, [p["wav"] for p in pending], contexts)
+        for sample, context, states in zip(pending, contexts, states_of):
             m = sample["meta"]
             labels = chunk_labels(len(states), float(m["end"]), int(m["label"]))
             turns.append({"id": str(m.get("id", sample["key"])), "kind": m["kind"], "label": int(m["label"]),
-                          "end": float(m["end"]), "duration": float(m["duration"]), "states": states,
-                          "labels": torch.from_numpy(labels)})  # fmt: skip
+                          "context": context is not None, "end": float(m["end"]), "duration": float(m["duration"]),
+                          "states": states, "labels": torch.from_numpy(labels)})  # fmt: skip
         pending.clear()
 
     bar = tqdm(desc=desc, unit="turn", total=limit or None)
@@ -168,7 +217,8 @@ def record_dialogue_states(run: StageRun) -> None:
     module, turns = run.module, run.cfg.data.turns
     module.eval()
     recorded = {split: record_turns(module, turns[f"{split}_shards"], turns.limit if split == "train" else 0,
-                                    turns.record_batch, f"LLM states, {split} turns") for split in ("train", "dev")}  # fmt: skip
+                                    turns.record_batch, f"LLM states, {split} turns", turns.context_prob)
+                for split in ("train", "dev")}  # fmt: skip
     module.state_head.train()
     run.prepared["recorded"] = recorded
     run.metrics.update(

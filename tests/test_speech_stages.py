@@ -26,7 +26,7 @@ from modules.llm.answers import ensure_llm_answers
 from modules.speech_llm.model import ChatLayout, Turn, build, read_llm_answers
 from modules.speech_llm.streaming import StreamingInput
 from modules.stage import load_stage_outputs, make_optimizer, read_checkpoint
-from modules.state_classifier import chunk_states, decide, record_turns
+from modules.state_classifier import chunk_states, decide, exchange_embeddings, record_turns
 
 DECLARED = {
     "input_1_ctc": {"encoder", "ctc_head"},
@@ -388,6 +388,41 @@ def test_chunk_states_are_the_streaming_paths_last_hidden_states(speech_args):
     assert len(online) >= 3
     torch.testing.assert_close(torch.stack(online), offline[0][: len(online)], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(offline[1][:2], offline[0][:2], atol=1e-4, rtol=1e-4)  # causal: the prefix agrees
+
+
+def test_chunk_states_after_an_exchange_are_the_streaming_paths(speech_args):
+    """A turn recorded after an earlier exchange reads what the streaming path has once the LLM
+    answered the first question, and differs from the same turn opening the conversation."""
+    model = build(load_config(["stage=input_4_state", *speech_args])).eval()
+    rng = np.random.default_rng(2)
+    question, wav = (rng.standard_normal(n).astype(np.float32) * 0.1 for n in (9000, 11000))
+    offline = chunk_states(model, [wav, wav], [exchange_embeddings(model, question), None])
+    stream = StreamingInput(model)
+    state = stream.start()
+    stream.accept_audio(state, question)
+    stream.reply(state, max_new_tokens=model.cfg.speech_llm.max_answer_tokens)
+    stream.reset_turn(state)
+    emitted, online = 0, []
+    for i in range(0, len(wav), 2560):
+        emitted += stream.accept_audio(state, wav[i : i + 2560])
+        if emitted and emitted % 2 == 0 and len(online) < emitted // 2:
+            online.append(state.last_hidden.float())
+    assert len(online) >= 3
+    torch.testing.assert_close(torch.stack(online), offline[0][: len(online)], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(offline[0], offline[1], atol=1e-3)
+
+
+def test_record_turns_puts_an_earlier_exchange_before_the_share_asked(speech_args):
+    cfg = load_config(["stage=input_4_state", *speech_args])
+    model = build(cfg).eval()
+    alone = record_turns(model, cfg.data.turns.train_shards, limit=8, batch=4)["turns"]
+    mixed = record_turns(model, cfg.data.turns.train_shards, limit=8, batch=4, context_prob=1.0)["turns"]
+    assert not any(t["context"] for t in alone)
+    first_question = next(i for i, t in enumerate(mixed) if t["kind"] == "question")
+    assert [t["context"] for t in mixed] == [i > first_question for i in range(len(mixed))]
+    for a, m in zip(alone, mixed):
+        assert a["id"] == m["id"] and a["states"].shape == m["states"].shape
+        assert torch.allclose(a["states"], m["states"], atol=1e-5) == (not m["context"])
 
 
 def test_state_decision_rule_checks_drop_first():

@@ -36,6 +36,9 @@ class TurnsDataConfig:
     record_batch: int = 16  # turns per forward pass of the frozen speech LLM when recording states
     batch_size: int = 512  # recorded chunk states per training step of the head
     limit: int = 0  # stage input_4_state records the first N training turns only; 0 = all (`make demo`)
+    # Share of the recorded turns (train, dev and the report's test turns) that follow an earlier
+    # exchange: a question heard and answered by the frozen LLM (`modules.state_classifier.context_states`)
+    context_prob: float = 0.0
 
 
 LISTEN, ANSWER, DROP, IGNORE = 0, 1, 2, 3
