@@ -27,12 +27,12 @@ corpus: setup ## synthesize the tiny eSpeak corpus, write its shards and CMVN st
 	$(PY) -m tools.prepare_corpus --out $(CORPUS)
 
 demo: corpus ## the embedded default, cut to 30 min (experiment=demo): the whole chain, Tables 1-3, state classifier, a spoken exchange
-	$(MAKE) -j2 EXP=$(DEMO_EXP) ASR_RUNS=demo-align-main ALIGN_AFTER= DECODER_RUNS=demo-prefix-main CTC_AFTER=demo-llm demo-all
+	$(MAKE) -j2 EXP=$(DEMO_EXP) ASR_RUNS=demo-align-main ALIGN_AFTER= DECODER_RUNS=demo-prefix-main CTC_AFTER=demo-judge demo-all
 
 # The demo is a graph of 1-thread runs that make -j2 schedules on two cores: the stand-in LLM
-# and the stage-1 encoder (it needs no LLM) train on one core while the intelligibility judge
-# and then the codec (whose validation the judge hears) and its tokens train on the other; the
-# LLM's answers, the stage-2/3 runs and the decoder stages start when their inputs exist; the
+# trains on one core while the intelligibility judge and then the stage-1 encoder (it needs no
+# LLM) train on the other; the codec (whose validation the judge hears), its tokens, the LLM's
+# answers, the stage-2/3 runs and the decoder stages start when their inputs exist; the
 # evaluations run side by side. Two
 # 1-thread runs do more work than one 2-thread run (e.g. 1.6 vs 2.4 steps/s for stage 1).
 # `make demo` runs experiment=demo (the tiny recipe cut to 30 min, one chain per side),
@@ -48,7 +48,8 @@ DYN  := stage.variant=dynamic encoder.dynamic_chunk=true
 
 demo-llm: setup
 	$(RUN1) stage=llm_text
-# CTC_AFTER=demo-llm (make demo) keeps the stand-in and stage 1 on one core, the judge and codec on the other.
+# CTC_AFTER=demo-judge (make demo): the stand-in and the judge start first; stage 1 follows the judge on its core
+# while the codec, its tokens and the decoder follow the stand-in on the other.
 CTC_AFTER ?=
 demo-ctc-main: setup | $(CTC_AFTER)
 	$(RUN1) stage=input_1_ctc
