@@ -151,7 +151,7 @@ def test_small_runs_the_paper_budgets_and_demo_overrides_tiny():
         paper = load_config([f"stage={stage}", "experiment=paper"])
         small = load_config([f"stage={stage}", "experiment=small"])
         assert small.optim == paper.optim and small.trainer.max_steps == paper.trainer.max_steps, stage
-    assert load_config(["stage=input_1_ctc", "experiment=demo"]).trainer.max_steps == 720
+    assert load_config(["stage=input_1_ctc", "experiment=demo"]).trainer.max_steps == 1000
     assert (
         load_config(["stage=input_1_ctc", "experiment=demo"]).optim
         == load_config(["stage=input_1_ctc", "experiment=tiny"]).optim
