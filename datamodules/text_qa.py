@@ -245,7 +245,9 @@ class TextQAStream(IterableDataset):
         self, tokenizer, cfg: TextQADataConfig, qa_seed: int, seed: int, transcripts: list[str], rank: int = 0
     ):
         if cfg.combinations not in HELDOUT_DRAW:
-            raise ValueError(f"data.text_qa.combinations must be one of {sorted(HELDOUT_DRAW)}, not {cfg.combinations!r}")
+            raise ValueError(
+                f"data.text_qa.combinations must be one of {sorted(HELDOUT_DRAW)}, not {cfg.combinations!r}"
+            )
         self.tokenizer, self.cfg, self.transcripts, self.rank = tokenizer, cfg, transcripts, rank
         self.words = transcript_words(transcripts)
         self.qa_seed, self.seed = qa_seed, seed

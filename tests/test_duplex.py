@@ -205,7 +205,7 @@ def test_trained_chain_chats_and_is_evaluated_end_to_end(duplex_args, tmp_path, 
     )
     turns = json.loads((tmp_path / "a.json").read_text())["turns"]  # what the trained judge hears in each answer
     assert all(("judge_heard" in t) == (t["audio_s"] > 0) for t in turns)
-    assert all(0 <= t["judge_wer"] for t in turns if "judge_wer" in t)
+    assert all(t["judge_wer"] >= 0 for t in turns if "judge_wer" in t)
     assert ("judge heard:" in report) == any(t["audio_s"] > 0 for t in turns)
     with pytest.raises(ConfigError, match="output_wav"):
         infer.main(["chat", *args, f"input_wav={tmp_path / 'q.wav'}"])

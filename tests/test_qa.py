@@ -105,7 +105,10 @@ def test_text_qa_stream_reads_held_out_combinations_only_when_asked(monkeypatch)
     monkeypatch.setattr(text_qa, "encode_chat", lambda tok, messages, *a, **k: seen.append(messages) or ([], []))
     seed = 1234
     heldout_questions = {
-        t["question"] for d in build_qa_splits(seed, {"test": 400})["test"] for t in d["turns"] if t["family"] != "followup"
+        t["question"]
+        for d in build_qa_splits(seed, {"test": 400})["test"]
+        for t in d["turns"]
+        if t["family"] != "followup"
     }
 
     def questions(combinations: str) -> set[str]:

@@ -231,8 +231,11 @@ def test_generation_with_and_without_cache_and_teacher_forcing_agree(stride, dur
         with pytest.raises(ValueError, match="durations"):
             net.cond_positions(cond_valid)
         near = net.near_text(torch.tensor([[0.0, 0.0, 1.0, 2.0, 8.0]]), torch.tensor([[0, 5]]))
-        assert near is None if not window else near[0].tolist() == [[True, True, True, True, False],
-                                                                    [True, False, False, True, True]]
+        assert (
+            near is None
+            if not window
+            else near[0].tolist() == [[True, True, True, True, False], [True, False, False, True, True]]
+        )
     else:  # text frame j sits at j x stride and the speech from 0 (stride 0: after the conditioning)
         expected_cond = [0.0, 2.5, 5.0, 7.5] if stride else [0, 1, 2, 3]
         assert net.cond_positions(cond_valid)[0].tolist() == expected_cond
