@@ -86,6 +86,16 @@ class StateClassifier(nn.Linear):
 
 
 # --- recording the LLM's states -------------------------------------------------------------------
+def _speech(module: SpeechLLM, wavs: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """16 kHz waves -> the adapter's speech embeddings [N, S, D] and their lengths [N] (offline,
+    under the encoder's chunk mask, which equals the streaming path)."""
+    dev = module.state_head.weight.device
+    feats = [torch.from_numpy(fbank(w)) for w in wavs]
+    lens = torch.tensor([len(f) for f in feats])
+    padded = nn.utils.rnn.pad_sequence(feats, batch_first=True).to(dev)
+    return module.speech_embeddings(padded, lens.to(dev), int(module.cfg.encoder.chunk_frames))
+
+
 @torch.no_grad()  # not inference_mode: the head trains on these tensors
 def chunk_states(
     module: SpeechLLM, wavs: list[np.ndarray], contexts: list[torch.Tensor | None] | None = None
@@ -97,10 +107,7 @@ def chunk_states(
     with speech embedding 2c + 1 (the adapter gives two per 160 ms chunk).
     """
     dev = module.state_head.weight.device
-    feats = [torch.from_numpy(fbank(w)) for w in wavs]
-    lens = torch.tensor([len(f) for f in feats])
-    padded = nn.utils.rnn.pad_sequence(feats, batch_first=True).to(dev)
-    speech, speech_lens = module.speech_embeddings(padded, lens.to(dev), int(module.cfg.encoder.chunk_frames))
+    speech, speech_lens = _speech(module, wavs)
     system, start = module.embed_ids(module.layout.system), module.user_turn_start(PROMPT_TURN)
     heads = [torch.cat([system, c, start]) if c is not None else torch.cat([system, start])
              for c in contexts or [None] * len(wavs)]  # fmt: skip
@@ -130,10 +137,7 @@ def exchange_embeddings(module: SpeechLLM, question: np.ndarray) -> torch.Tensor
     state = stream.start()
     stream.accept_audio(state, question)
     reply = stream.reply(state)
-    dev = module.state_head.weight.device
-    feats = torch.from_numpy(fbank(question))[None].to(dev)
-    speech, lens = module.speech_embeddings(feats, torch.tensor([feats.shape[1]], device=dev),
-                                            int(module.cfg.encoder.chunk_frames))  # fmt: skip
+    speech, lens = _speech(module, [question])
     start = module.user_turn_start(PROMPT_TURN)
     return torch.cat([start, speech[0, : int(lens[0])].to(start.dtype), module.user_turn_end(),
                       module.embed_ids([*reply, *module.layout.answer_end])])  # fmt: skip

@@ -372,6 +372,17 @@ def test_llm_token_units_give_the_lexical_path_the_exact_llm_embeddings(speech_a
                                          f"llm.path={saved}"])).get_vocab() == other.get_vocab()  # fmt: skip
 
 
+def streamed_chunk_states(stream: StreamingInput, state, wav: np.ndarray) -> list[torch.Tensor]:
+    """The LLM's last hidden state each time the streaming path completes a chunk's two embeddings
+    while `wav` is fed 160 ms at a time."""
+    emitted, online = 0, []
+    for i in range(0, len(wav), 2560):
+        emitted += stream.accept_audio(state, wav[i : i + 2560])
+        if emitted and emitted % 2 == 0 and len(online) < emitted // 2:
+            online.append(state.last_hidden.float())
+    return online
+
+
 def test_chunk_states_are_the_streaming_paths_last_hidden_states(speech_args):
     """The state head sees, offline, exactly what the streaming path has after each 160 ms chunk."""
     model = build(load_config(["stage=input_4_state", *speech_args])).eval()
@@ -380,11 +391,7 @@ def test_chunk_states_are_the_streaming_paths_last_hidden_states(speech_args):
     assert len(offline[0]) == len(decision_times(model, len(wav) / 16000))
     stream = StreamingInput(model)
     state = stream.start()
-    emitted, online = 0, []
-    for i in range(0, len(wav), 2560):
-        emitted += stream.accept_audio(state, wav[i : i + 2560])
-        if emitted and emitted % 2 == 0 and len(online) < emitted // 2:
-            online.append(state.last_hidden.float())
+    online = streamed_chunk_states(stream, state, wav)
     assert len(online) >= 3
     torch.testing.assert_close(torch.stack(online), offline[0][: len(online)], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(offline[1][:2], offline[0][:2], atol=1e-4, rtol=1e-4)  # causal: the prefix agrees
@@ -402,11 +409,7 @@ def test_chunk_states_after_an_exchange_are_the_streaming_paths(speech_args):
     stream.accept_audio(state, question)
     stream.reply(state, max_new_tokens=model.cfg.speech_llm.max_answer_tokens)
     stream.reset_turn(state)
-    emitted, online = 0, []
-    for i in range(0, len(wav), 2560):
-        emitted += stream.accept_audio(state, wav[i : i + 2560])
-        if emitted and emitted % 2 == 0 and len(online) < emitted // 2:
-            online.append(state.last_hidden.float())
+    online = streamed_chunk_states(stream, state, wav)
     assert len(online) >= 3
     torch.testing.assert_close(torch.stack(online), offline[0][: len(online)], atol=1e-4, rtol=1e-4)
     assert not torch.allclose(offline[0], offline[1], atol=1e-3)

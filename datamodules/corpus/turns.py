@@ -37,7 +37,7 @@ class TurnsDataConfig:
     batch_size: int = 512  # recorded chunk states per training step of the head
     limit: int = 0  # stage input_4_state records the first N training turns only; 0 = all (`make demo`)
     # Share of the recorded turns (train, dev and the report's test turns) that follow an earlier
-    # exchange: a question heard and answered by the frozen LLM (`modules.state_classifier.context_states`)
+    # exchange: a question heard and answered by the frozen LLM (`modules.state_classifier.exchange_embeddings`)
     context_prob: float = 0.0
 
 
