@@ -197,25 +197,31 @@ def test_speech_decoder_paper_size_and_projection():
         SpeechDecoderNet(SpeechDecoderConfig(prefix_layers=3), 3584)
 
 
-def _toy_decoder(seed: int = 0, stride: float = 0.0, durations: bool = False, window: float = 0.0):
+def _toy_decoder(seed: int = 0, stride: float = 0.0, durations: bool = False, window: float = 0.0,
+                 aligned: bool = False):  # fmt: skip
     from modules.speech_decoder.network import SpeechDecoderConfig, SpeechDecoderNet
 
     torch.manual_seed(seed)
     cfg = SpeechDecoderConfig(dim=32, num_heads=4, ffn_dim=64, codebook_size=16, dropout=0.0,
                               text_position_stride=stride, duration_positions=durations,
-                              attention_window=window)  # fmt: skip
+                              attention_window=window, aligned_text=aligned)  # fmt: skip
     net = SpeechDecoderNet(cfg, 64)
     with torch.no_grad():  # sharper logits than the default init, so that greedy paths vary
         net.decoder.out.weight.mul_(20)
+        if aligned:  # about 3.5 codec tokens per text token: the generated tokens fall inside the text
+            net.pre_net.duration.bias.fill_(1.5)
     return net.eval()
 
 
 # the release's positions; text frame j at j x 2.5; text at the positions of its durations, with
-# every text frame visible or only those within 3 tokens
-@pytest.mark.parametrize("stride,durations,window", [(0.0, False, 0.0), (2.5, False, 0.0), (0.0, True, 0.0),
-                                                     (0.0, True, 3.0)])  # fmt: skip
-def test_generation_with_and_without_cache_and_teacher_forcing_agree(stride, durations, window):
-    net = _toy_decoder(seed=1 if durations else 0, stride=stride, durations=durations, window=window)
+# every text frame visible or only those within 3 tokens; then also the text frame of each position
+# added to the speech inputs
+@pytest.mark.parametrize("stride,durations,window,aligned", [
+    (0.0, False, 0.0, False), (2.5, False, 0.0, False), (0.0, True, 0.0, False), (0.0, True, 3.0, False),
+    (0.0, True, 3.0, True)])  # fmt: skip
+def test_generation_with_and_without_cache_and_teacher_forcing_agree(stride, durations, window, aligned):
+    net = _toy_decoder(seed=1 if durations else 0, stride=stride, durations=durations, window=window,
+                       aligned=aligned)  # fmt: skip
     text, text_valid = torch.randn(2, 5, 64), torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
     hidden, hidden_valid = torch.randn(2, 4, 64), torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
     cached = net.generate(text, text_valid, hidden, hidden_valid, top_k=1, max_tokens=15)
@@ -254,6 +260,21 @@ def test_generation_with_and_without_cache_and_teacher_forcing_agree(stride, dur
     for i, n in enumerate(lens.tolist()):
         assert logits[i, :n].argmax(-1).tolist() == cached[i].tolist()
         assert targets[i, n] == 18 and (targets[i, n + 1 :] == -100).all()  # EOS, then ignored
+
+
+def test_aligned_text_gives_each_speech_position_the_frame_it_speaks():
+    from modules.speech_decoder.network import SpeechDecoderConfig, SpeechDecoderNet
+
+    net = _toy_decoder(durations=True, window=3.0, aligned=True)
+    cond = torch.randn(1, 5, 32)  # BOS + 2 text tokens x 2 frames
+    durations = torch.tensor([[2.0, 4.0]])
+    cond_pos = net.cond_positions(torch.ones(1, 5, dtype=torch.bool), durations)  # [0, 0, 1, 2, 4]
+    with torch.no_grad():
+        out = net.aligned_frames(cond, cond_pos, durations, torch.arange(8)[None])
+        expected = net.decoder.aligned(cond[0, 1:][[0, 1, 2, 2, 3, 3]])
+    assert torch.allclose(out[0, :6], expected) and (out[0, 6:] == 0).all()  # nothing past the text's 6 tokens
+    with pytest.raises(ValueError, match="needs duration_positions"):
+        SpeechDecoderNet(SpeechDecoderConfig(dim=32, num_heads=4, ffn_dim=64, aligned_text=True), 64)
 
 
 def test_sampling_masks_specials_and_respects_top_k():

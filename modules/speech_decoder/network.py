@@ -67,6 +67,11 @@ class SpeechDecoderConfig:
     # 1.0): without it the pre-network's first attention output drowns which token a frame is.
     # Off = the release.
     text_input_norm: bool = False
+    # With duration_positions: each speech input also carries the conditioning frame of the text
+    # its position falls in (by the durations; nothing past the text's end), added to the token
+    # embedding through a linear layer, so that what to say reaches every step directly, not
+    # only through attention. Off = the release.
+    aligned_text: bool = False
     top_k: int = 2  # the release's decoder_top_k
 
 
@@ -153,6 +158,7 @@ class SharedStack(nn.Module):
         self.layers = _stack(cfg, cfg.num_layers)
         self.norm = RMSNorm(cfg.dim, cfg.rms_eps)
         self.out = nn.Linear(cfg.dim, cfg.codebook_size + 4)
+        self.aligned = nn.Linear(cfg.dim, cfg.dim) if cfg.aligned_text else None
 
     def forward(self, x, positions, mask, past=None) -> tuple[torch.Tensor, list[KV]]:
         return self.layers(x, positions, mask, past)
@@ -181,6 +187,8 @@ class SpeechDecoding:
                 f"speech_decoder.prefix_layers ({cfg.prefix_layers}) must equal num_layers ({cfg.num_layers}): "
                 "each prefix layer feeds the keys/values of one shared layer"
             )
+        if cfg.aligned_text and not cfg.duration_positions:
+            raise ValueError("speech_decoder.aligned_text needs duration_positions: the durations place the text")
         self.dcfg = cfg
         self.ids = special_ids(cfg.codebook_size)
         self.embedding = nn.Embedding(cfg.codebook_size + 4, cfg.dim, padding_idx=self.ids["pad"])
@@ -224,6 +232,19 @@ class SpeechDecoding:
         near = (cond_pos[:, None, :].float() - speech_pos[:, :, None].float()).abs() <= self.dcfg.attention_window
         near[:, :, 0] = True
         return near
+
+    def aligned_frames(
+        self, cond: torch.Tensor, cond_pos: torch.Tensor, durations: torch.Tensor, speech_pos: torch.Tensor
+    ) -> torch.Tensor:
+        """[B, n, d] added to the speech inputs at `speech_pos` [B, n] under `aligned_text`: the
+        conditioning frame ([BOS, frames] = `cond`, at `cond_pos`) whose text each position
+        speaks, through the linear layer; zero past the text's end (`durations` [B, m] sum)."""
+        frames, starts = cond[:, 1:], cond_pos[:, 1:].float().contiguous()
+        at = speech_pos.float().contiguous()
+        idx = torch.searchsorted(starts, at, right=True) - 1  # the last frame starting at or before
+        inside = (idx >= 0) & (at < durations.sum(1, keepdim=True))
+        picked = frames.gather(1, idx.clamp(min=0)[..., None].expand(-1, -1, frames.shape[-1]))
+        return self.decoder.aligned(picked) * inside[..., None].to(picked.dtype)
 
     def log_durations(self, cond: torch.Tensor, text_valid: torch.Tensor) -> torch.Tensor:
         """The duration head's log(1 + codec tokens) per text token [B, m] (0 on padding), from
@@ -282,7 +303,11 @@ class SpeechDecoding:
         speech_valid = ar[None] <= codes_lens[:, None]  # SOS + T tokens
         inputs = torch.where(ar[None, 1:] <= codes_lens[:, None], codes.clamp(min=0), self.ids["pad"])
         inputs = torch.cat([torch.full((b, 1), self.ids["sos"], device=codes.device), inputs], 1)
-        x = torch.cat([cond, self.embedding(inputs).to(cond.dtype)], 1)
+        cond_pos, speech_pos = self.cond_positions(cond_valid, durations), self.speech_positions(cond_valid, ar)
+        speech = self.embedding(inputs).to(cond.dtype)
+        if self.dcfg.aligned_text:
+            speech = speech + self.aligned_frames(cond, cond_pos, durations, speech_pos)
+        x = torch.cat([cond, speech], 1)
         c = cond.shape[1]
         # keys: prefix | conditioning | speech
         n_keys = prefix_valid.shape[1] + c + t + 1
@@ -292,7 +317,6 @@ class SpeechDecoding:
         mask[:, :, p : p + c] = cond_valid[:, None, :]
         causal = torch.ones(t + 1, t + 1, dtype=torch.bool, device=codes.device).tril()
         mask[:, c:, p + c :] = causal[None] & speech_valid[:, None, :]
-        cond_pos, speech_pos = self.cond_positions(cond_valid, durations), self.speech_positions(cond_valid, ar)
         near = self.near_text(cond_pos, speech_pos)
         if near is not None:
             mask[:, c:, p : p + c] &= near
@@ -361,6 +385,8 @@ class SpeechDecoding:
             if use_cache:
                 x = self.embedding(token)[:, None].to(cond.dtype)
                 pos = self.speech_positions(cond_valid, torch.tensor([step], device=device))
+                if self.dcfg.aligned_text:
+                    x = x + self.aligned_frames(cond, cond_pos, durations, pos)
                 m = keys_valid[:, None]
                 near = self.near_text(cond_pos, pos)
                 if near is not None:
@@ -370,11 +396,13 @@ class SpeechDecoding:
             else:  # recompute conditioning + every token so far (prefix keys stay cached)
                 seq = self.embedding(torch.stack(history, 1)).to(cond.dtype)
                 n = seq.shape[1]
+                speech_pos = self.speech_positions(cond_valid, torch.arange(n, device=device))
+                if self.dcfg.aligned_text:
+                    seq = seq + self.aligned_frames(cond, cond_pos, durations, speech_pos)
                 full = torch.cat([cond, seq], 1)
                 m = keys_valid[:, None].expand(-1, c + n, -1).clone()
                 m[:, :c, p + c :] = False
                 m[:, c:, p + c :] &= torch.ones(n, n, dtype=torch.bool, device=device).tril()
-                speech_pos = self.speech_positions(cond_valid, torch.arange(n, device=device))
                 near = self.near_text(cond_pos, speech_pos)
                 if near is not None:
                     m[:, c:, p : p + c] &= near
