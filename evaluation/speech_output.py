@@ -76,7 +76,7 @@ def speak(decoder, codec, voice: torch.Tensor, items: list[dict], prefix: bool, 
             b["messages"] = [x["messages"] for x in part]
         cond = decoder.conditioning(b)
         codes = decoder.generate(cond["text"], cond["text_valid"], cond["hidden"], cond["hidden_valid"],
-                                 top_k=top_k, generator=gen)  # fmt: skip
+                                 top_k=top_k, generator=gen, phonemes=cond["phonemes"])  # fmt: skip
         for c in codes:
             wavs.append(codec.decode(c[None], voice)[0, 0].numpy() if len(c) else np.zeros(0, np.float32))
     return wavs
@@ -93,9 +93,11 @@ def evaluate_speech_output(cfg: DictConfig) -> dict:
     voice = voice_tokens(cfg)
     tts = ESpeak()
     truth = [assistant_speech(t, rate, tts) for t in tqdm(refs, desc="eSpeak replies", unit="reply")]
-    floor = wer(transcribe(judge, truth, rate), refs)
+    floor_heard = transcribe(judge, truth, rate)
+    floor = wer(floor_heard, refs)
     resynth = [codec.decode(codec.encode(torch.from_numpy(w)[None, None])[0], voice)[0, 0].numpy() for w in truth]
-    codec_wer = wer(transcribe(judge, resynth, rate), refs)
+    codec_heard = transcribe(judge, resynth, rate)
+    codec_wer = wer(codec_heard, refs)
     codec_mcd = mel_cepstral_distortion(truth, resynth, rate)
     out_dir = eval_dir(cfg) / "speech_output"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -124,7 +126,7 @@ def evaluate_speech_output(cfg: DictConfig) -> dict:
                 tag = f"{'prefix' if prefix else 'noprefix'}-{'nopre' if variant else 'prenet'}-k{k}"
                 for j in range(min(3, len(wavs))):
                     sf.write(out_dir / f"{items[j]['id']}-{tag}.wav", wavs[j], rate)
-                row["examples"] = [{"text": r, "heard": h} for r, h in zip(refs[:3], hyps[:3])]
+                row["examples"] = [{"text": r, "heard": h} for r, h in zip(refs, hyps)]  # every reply
         rows.append(row)
     for j in range(min(3, len(truth))):
         sf.write(out_dir / f"{items[j]['id']}-espeak.wav", truth[j], rate)
@@ -160,6 +162,7 @@ def evaluate_speech_output(cfg: DictConfig) -> dict:
         "codec_resynthesis_mcd_db": codec_mcd,
         "best_wer": best, "best_over_floor": best / max(floor, 1e-9), "rows": rows, "missing": missing,
         "table": table,
+        "heard": [{"text": r, "espeak": f, "codec": c} for r, f, c in zip(refs, floor_heard, codec_heard)],
     }  # fmt: skip
     path = Path(eval_dir(cfg))
     (path / "speech_output.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -312,7 +312,8 @@ class DuplexModel:
 
         gen = torch.Generator(device=emb.device).manual_seed(int(self.cfg.seed) + marks.get("segments_spoken", 0))
         cap = min(int(dec.dcfg.max_tokens), 20 + int(d.max_tokens_per_char * len(text)))
-        dec.generate(emb, valid, h, hv, max_tokens=cap, on_token=on_token, on_prefill=on_prefill, generator=gen)
+        dec.generate(emb, valid, h, hv, max_tokens=cap, on_token=on_token, on_prefill=on_prefill, generator=gen,
+                     phonemes=dec.phoneme_inputs([text]))  # fmt: skip
         rest = fifo.flush()
         if len(rest):
             marks.setdefault("tokens", time.perf_counter() - t0)

@@ -198,40 +198,48 @@ def test_speech_decoder_paper_size_and_projection():
 
 
 def _toy_decoder(seed: int = 0, stride: float = 0.0, durations: bool = False, window: float = 0.0,
-                 aligned: bool = False):  # fmt: skip
+                 aligned: bool = False, phonemes: int = 0):  # fmt: skip
     from modules.speech_decoder.network import SpeechDecoderConfig, SpeechDecoderNet
 
     torch.manual_seed(seed)
     cfg = SpeechDecoderConfig(dim=32, num_heads=4, ffn_dim=64, codebook_size=16, dropout=0.0,
                               text_position_stride=stride, duration_positions=durations,
-                              attention_window=window, aligned_text=aligned)  # fmt: skip
+                              attention_window=window, aligned_text=aligned,
+                              aligned_phonemes=phonemes)  # fmt: skip
     net = SpeechDecoderNet(cfg, 64)
     with torch.no_grad():  # sharper logits than the default init, so that greedy paths vary
         net.decoder.out.weight.mul_(20)
-        if aligned:  # about 3.5 codec tokens per text token: the generated tokens fall inside the text
+        if aligned or phonemes:  # about 3.5 codec tokens per text token: the generated tokens fall inside the text
             net.pre_net.duration.bias.fill_(1.5)
     return net.eval()
 
 
 # the release's positions; text frame j at j x 2.5; text at the positions of its durations, with
 # every text frame visible or only those within 3 tokens; then also the text frame of each position
-# added to the speech inputs
-@pytest.mark.parametrize("stride,durations,window,aligned", [
-    (0.0, False, 0.0, False), (2.5, False, 0.0, False), (0.0, True, 0.0, False), (0.0, True, 3.0, False),
-    (0.0, True, 3.0, True)])  # fmt: skip
-def test_generation_with_and_without_cache_and_teacher_forcing_agree(stride, durations, window, aligned):
+# added to the speech inputs, and then the phoneme of each position as well
+@pytest.mark.parametrize("stride,durations,window,aligned,phonemes", [
+    (0.0, False, 0.0, False, 0), (2.5, False, 0.0, False, 0), (0.0, True, 0.0, False, 0),
+    (0.0, True, 3.0, False, 0), (0.0, True, 3.0, True, 0), (0.0, True, 3.0, True, 3)])  # fmt: skip
+def test_generation_with_and_without_cache_and_teacher_forcing_agree(stride, durations, window, aligned, phonemes):
     net = _toy_decoder(seed=1 if durations else 0, stride=stride, durations=durations, window=window,
-                       aligned=aligned)  # fmt: skip
+                       aligned=aligned, phonemes=phonemes)  # fmt: skip
     text, text_valid = torch.randn(2, 5, 64), torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
     hidden, hidden_valid = torch.randn(2, 4, 64), torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
-    cached = net.generate(text, text_valid, hidden, hidden_valid, top_k=1, max_tokens=15)
-    plain = net.generate(text, text_valid, hidden, hidden_valid, top_k=1, max_tokens=15, use_cache=False)
+    sounds = None
+    if phonemes:  # 1-3 sounds per token (ids 3-9), none on padding
+        sounds = torch.randint(3, 10, (2, 5, 3), generator=torch.Generator().manual_seed(0))
+        sounds[:, :, 1:] *= torch.rand(2, 5, 2, generator=torch.Generator().manual_seed(1)) > 0.4
+        sounds[:, :, 2] *= sounds[:, :, 1] > 0
+        sounds[1, 3:] = 0
+    cached = net.generate(text, text_valid, hidden, hidden_valid, top_k=1, max_tokens=15, phonemes=sounds)
+    plain = net.generate(text, text_valid, hidden, hidden_valid, top_k=1, max_tokens=15, use_cache=False,
+                         phonemes=sounds)  # fmt: skip
     assert [c.tolist() for c in cached] == [c.tolist() for c in plain]
     cond_valid = torch.ones(1, 4, dtype=torch.bool)
     dur = None
     if durations:  # 2 frames per text token: token i's frames at its start and half-way through it
         with torch.no_grad():
-            dur = net.predicted_durations(net.condition(text, text_valid)[0], text_valid)
+            dur = net.predicted_durations(net.condition(text, text_valid, sounds)[0], text_valid)
         assert (dur[1, 3:] == 0).all() and (dur >= 0).all()
         assert net.cond_positions(cond_valid, torch.tensor([[2.0, 4.0]]))[0].tolist() == [0.0, 0.0, 1.0, 2.0, 4.0]
         with pytest.raises(ValueError, match="durations"):
@@ -249,12 +257,13 @@ def test_generation_with_and_without_cache_and_teacher_forcing_agree(stride, dur
     assert net.speech_positions(cond_valid, torch.arange(3))[0].tolist() == [speech_from + i for i in range(3)]
     assert len(set(cached[0].tolist())) > 2  # not a degenerate path
     # the second row alone (no padding) generates the same tokens as inside the padded batch
-    alone = net.generate(text[1:, :3], text_valid[1:, :3], hidden[1:, :2], hidden_valid[1:, :2], top_k=1, max_tokens=15)
+    alone = net.generate(text[1:, :3], text_valid[1:, :3], hidden[1:, :2], hidden_valid[1:, :2], top_k=1, max_tokens=15,
+                         phonemes=None if sounds is None else sounds[1:, :3])  # fmt: skip
     assert alone[0].tolist() == cached[1].tolist()
     # teacher forcing on the generated tokens predicts them again (specials masked as in sampling)
     codes = torch.nn.utils.rnn.pad_sequence(cached, batch_first=True, padding_value=PAD_CODE)
     lens = torch.tensor([len(c) for c in cached])
-    logits, targets, log_dur = net(text, text_valid, codes, lens, hidden, hidden_valid, dur)
+    logits, targets, log_dur = net(text, text_valid, codes, lens, hidden, hidden_valid, dur, sounds)
     assert (log_dur is not None) == durations
     logits[..., [16, 17, 19]] = float("-inf")
     for i, n in enumerate(lens.tolist()):
@@ -275,6 +284,44 @@ def test_aligned_text_gives_each_speech_position_the_frame_it_speaks():
     assert torch.allclose(out[0, :6], expected) and (out[0, 6:] == 0).all()  # nothing past the text's 6 tokens
     with pytest.raises(ValueError, match="needs duration_positions"):
         SpeechDecoderNet(SpeechDecoderConfig(dim=32, num_heads=4, ffn_dim=64, aligned_text=True), 64)
+
+
+def test_aligned_phonemes_split_each_token_evenly_over_its_sounds():
+    from modules.speech_decoder.alignment import OTHER_PHONEME, SILENT_TOKEN, phoneme_ids
+    from modules.speech_decoder.network import SpeechDecoderConfig, SpeechDecoderNet
+
+    net = _toy_decoder(durations=True, window=3.0, aligned=True, phonemes=3)
+    sounds = torch.tensor([[[5, 6, 0], [7, 8, 9], [SILENT_TOKEN, 0, 0]]])
+    durations = torch.tensor([[2.0, 4.0, 0.0]])  # token 2 (punctuation) takes no time
+    with torch.no_grad():
+        out = net.aligned_sounds(sounds, durations, torch.arange(8)[None])
+        expected = net.decoder.phoneme(torch.tensor([5, 6, 7, 7, 8, 9]))  # 4 tokens over 3 sounds: 0, 0, 1, 2
+    assert torch.allclose(out[0, :6], expected) and (out[0, 6:] == 0).all()  # nothing past the text
+    with pytest.raises(ValueError, match="phonemes"):  # the pre-network needs them
+        net.condition(torch.randn(1, 3, 64), torch.ones(1, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="needs duration_positions"):
+        SpeechDecoderNet(SpeechDecoderConfig(dim=32, num_heads=4, ffn_dim=64, aligned_phonemes=4), 64)
+    ids = phoneme_ids("twˈɛnti ʘ一")  # stress marks and spaces take no time; an unknown letter is OTHER
+    assert len(ids) == 8 and ids[-1] == OTHER_PHONEME and ids[0] == ids[4] != OTHER_PHONEME
+
+
+def test_token_phonemes_come_from_espeak_per_token():
+    from modules.speech_decoder.alignment import NO_PHONEME, SILENT_TOKEN, TokenPhonemes, phoneme_ids
+
+    class Pieces:  # a tokenizer whose token i is pieces[i]
+        pieces = (" twenty", ".", " Paris", " supercalifragilistic")
+
+        def decode(self, ids):
+            return "".join(self.pieces[i] for i in ids)
+
+    table = TokenPhonemes(Pieces(), max_phonemes=8)
+    out = table([[0, 1], [2, 3, 3]], width=3)
+    assert out.shape == (2, 3, 8)
+    assert out[0, 0].tolist() == phoneme_ids("twɛnti") + [NO_PHONEME] * 2
+    assert out[0, 1].tolist() == [SILENT_TOKEN] + [NO_PHONEME] * 7 and (out[0, 2] == NO_PHONEME).all()
+    assert out[1, 0].tolist()[:5] == phoneme_ids("pæɹɪs") and (out[1, 1] != NO_PHONEME).all()  # cut at 8
+    with pytest.raises(ValueError, match="at least 1"):
+        TokenPhonemes(Pieces(), 0)
 
 
 def test_sampling_masks_specials_and_respects_top_k():
@@ -388,7 +435,9 @@ def test_decoder_stages_train_the_declared_parts(decoder_args):
 
     decoder = load_speech_decoder(cfg3)
     cond = decoder.conditioning(batch)
-    codes = decoder.generate(cond["text"], cond["text_valid"], cond["hidden"], cond["hidden_valid"], max_tokens=5)
+    codes = decoder.generate(cond["text"], cond["text_valid"], cond["hidden"], cond["hidden_valid"], max_tokens=5,
+                             phonemes=cond["phonemes"])  # fmt: skip
+    assert cond["phonemes"].shape[:2] == cond["text_valid"].shape  # tiny speaks from the tokens' sounds
     assert len(codes) == len(batch["texts"]) and all(len(c) <= 5 and (c < 64).all() for c in codes)
     with pytest.raises(ValueError, match=r"decoder\.out\.weight: output_2_decoder saved \(68, 16\)"):
         load_speech_decoder(load_config(["stage=output_3_prefix", *decoder_args, "speech_decoder.codebook_size=32",

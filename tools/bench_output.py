@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 
 from modules.codec.stage import Codec
 from modules.config import eval_dir, load_config
+from modules.speech_decoder.alignment import NUM_PHONEME_IDS
 from modules.speech_decoder.network import SpeechDecoderNet
 from server.fifo import TokenFIFO
 
@@ -83,20 +84,31 @@ def main(argv: list[str] | None = None) -> dict:
     valid = torch.ones(1, args.text_tokens, dtype=torch.bool)
     hidden = torch.randn(1, args.text_tokens, llm_width)
     voice = torch.zeros(codec.codec_cfg.global_groups, dtype=torch.long)
+    # The text spread evenly over the n tokens (a windowed decoder also stops at 1.3 x their sum)
+    spread = torch.full((1, args.text_tokens), args.tokens / args.text_tokens) if dcfg.duration_positions else None
+    sounds = None  # random phonemes per text token where the decoder speaks from them
+    if dcfg.aligned_phonemes:
+        sounds = torch.randint(3, NUM_PHONEME_IDS, (1, args.text_tokens, dcfg.aligned_phonemes))
 
     def decode(tokens):
         return codec.decode(torch.tensor(tokens)[None], voice)[0, 0].numpy()
 
     with _NoEOS(net), torch.inference_mode():
         n = args.tokens
-        t_cache = _time(lambda: net.generate(text, valid, hidden, valid, top_k=2, max_tokens=n), args.repeats)
+        t_cache = _time(
+            lambda: net.generate(text, valid, hidden, valid, top_k=2, max_tokens=n, phonemes=sounds, durations=spread),
+            args.repeats,
+        )
         t_plain = _time(
-            lambda: net.generate(text, valid, hidden, valid, top_k=2, max_tokens=n, use_cache=False), args.repeats
+            lambda: net.generate(
+                text, valid, hidden, valid, top_k=2, max_tokens=n, phonemes=sounds, durations=spread, use_cache=False
+            ),
+            args.repeats,
         )
 
         def synthesize():
             fifo = TokenFIFO(decode, hop=hop)
-            net.generate(text, valid, hidden, valid, top_k=2, max_tokens=n,
+            net.generate(text, valid, hidden, valid, top_k=2, max_tokens=n, phonemes=sounds, durations=spread,
                          on_token=lambda step, tok: list(fifo.push(int(tok[0]))))  # fmt: skip
             fifo.flush()
 
@@ -111,7 +123,17 @@ def main(argv: list[str] | None = None) -> dict:
                     raise StopIteration
 
             with contextlib.suppress(StopIteration):  # stop at the first PCM chunk
-                net.generate(text, valid, hidden, valid, top_k=2, max_tokens=n, on_token=on_token)
+                net.generate(
+                    text,
+                    valid,
+                    hidden,
+                    valid,
+                    top_k=2,
+                    max_tokens=n,
+                    phonemes=sounds,
+                    durations=spread,
+                    on_token=on_token,
+                )
 
         t_first = _time(first_pcm, args.repeats)
     audio_s = n * hop / rate

@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover - import only for type checkers
 AUDIO_OUTPUT_SYNCHRONOUS = 2
 POS_CHARACTER = 1
 ESPEAK_CHARS_UTF8 = 1
+PHONEMES_IPA = 0x02  # espeak_TextToPhonemes: IPA (UTF-8) instead of eSpeak's ASCII mnemonics
 ESPEAK_RATE = 1
 ESPEAK_VOLUME = 2
 ESPEAK_PITCH = 3
@@ -371,6 +372,30 @@ class ESpeak:
             ) from exc
         words = [(char, min(max(sample - start, 0), end - start)) for char, sample in words]
         return audio[start:end], words
+
+    def phonemes(self, text: str, voice: Voice) -> str:
+        """eSpeak's IPA phonemes of ``text`` in ``voice``'s language (words separated by spaces,
+        stress marks included; "" for text it does not pronounce, such as punctuation)."""
+        self.check_voice(voice)
+        out = []
+        with _LOCK:
+            engine = _engine()
+            lib = engine.lib if engine.lib is not None else engine.fresh_library()
+            engine.dirty = True
+            if not getattr(lib, "_phonemes_typed", False):
+                lib.espeak_TextToPhonemes.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_int]
+                lib.espeak_TextToPhonemes.restype = ctypes.c_char_p
+                lib._phonemes_typed = True
+            rc = lib.espeak_SetVoiceByName(voice.espeak_name.encode())
+            if rc != EE_OK:
+                raise RuntimeError(f"espeak_SetVoiceByName({voice.espeak_name!r}) failed ({rc})")
+            buf = ctypes.create_string_buffer(text.encode("utf-8"))
+            ptr = ctypes.c_void_p(ctypes.addressof(buf))
+            while ptr.value:  # one clause per call; the pointer moves on (NULL at the end)
+                piece = lib.espeak_TextToPhonemes(ctypes.byref(ptr), ESPEAK_CHARS_UTF8, PHONEMES_IPA)
+                if piece:
+                    out.append(piece.decode("utf-8", errors="replace"))
+        return " ".join(p for p in out if p.strip())
 
     @staticmethod
     def _set_parameter(lib: ctypes.CDLL, param: int, value: int, bounds: tuple[int, int]) -> None:

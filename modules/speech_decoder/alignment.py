@@ -83,3 +83,59 @@ class ESpeakAligner:
             d = np.diff(self(text)) * n
             out[i, : len(d)] = d[:width]
         return out
+
+
+# The symbols of `TokenPhonemes`: eSpeak's IPA letters (its English voices use a few dozen of
+# them; the rest cover its other languages). Id 0 is "no text here", 1 a token with nothing to
+# pronounce (punctuation), 2 any symbol not listed.
+PHONEME_SYMBOLS = (
+    "abcdefghijklmnopqrstuvwxyz"
+    "æçðøħŋœɐɑɒɓɔɕɖɗɘəɚɛɜɝɞɟɠɡɢɣɤɥɦɧɨɪɫɬɭɮɯɰɱɲɳɴɵɶɸɹɺɻɽɾʀʁʂʃʄʈʉʊʋʌʍʎʏʐʑʒʔʕʘʙʛʜʝʟʡʢβθχᵻ"
+    "ːˑ\u0303\u0329\u032a"
+)
+NO_PHONEME, SILENT_TOKEN, OTHER_PHONEME = 0, 1, 2
+NUM_PHONEME_IDS = 3 + len(PHONEME_SYMBOLS)
+_SYMBOL_IDS = {c: 3 + i for i, c in enumerate(PHONEME_SYMBOLS)}
+_SKIPPED = set("ˈˌ -‿|")  # stress marks and separators take no time of their own
+
+
+def phoneme_ids(ipa: str) -> list[int]:
+    """eSpeak IPA -> symbol ids (stress marks and spaces dropped, unknown letters OTHER_PHONEME)."""
+    return [_SYMBOL_IDS.get(c, OTHER_PHONEME) for c in ipa if c not in _SKIPPED]
+
+
+class TokenPhonemes:
+    """What each LLM token says, as eSpeak's phonemes of its text in the assistant voice's
+    language (`speech_decoder.aligned_phonemes`): rows of token ids -> [B, m, P] symbol ids, the
+    first P phonemes of each token (SILENT_TOKEN for a token with none, NO_PHONEME after its
+    last), cached by token id, so that it depends on the token alone and generation sees what
+    training saw. A token phonemized out of its word ("ing") is only approximately right; the
+    stand-in's tokens are mostly whole words."""
+
+    def __init__(self, tokenizer, max_phonemes: int):
+        if max_phonemes < 1:
+            raise ValueError(f"speech_decoder.aligned_phonemes must be at least 1, not {max_phonemes}")
+        self.tokenizer = tokenizer
+        self.max_phonemes = max_phonemes
+        self.cache: dict[int, list[int]] = {}
+        self._tts = None
+
+    def token(self, token_id: int) -> list[int]:
+        if token_id not in self.cache:
+            from datamodules.corpus.espeak import ESpeak
+            from datamodules.corpus.voices import ASSISTANT_VOICE
+
+            self._tts = self._tts or ESpeak()
+            text = self.tokenizer.decode([token_id])
+            ids = phoneme_ids(self._tts.phonemes(text, ASSISTANT_VOICE)) if text.strip() else []
+            self.cache[token_id] = ids[: self.max_phonemes] or [SILENT_TOKEN]
+        return self.cache[token_id]
+
+    def __call__(self, rows: list[list[int]], width: int) -> np.ndarray:
+        """[B, width, P] int64 symbol ids of each row's tokens (NO_PHONEME on padding)."""
+        out = np.full((len(rows), width, self.max_phonemes), NO_PHONEME, dtype=np.int64)
+        for i, row in enumerate(rows):
+            for j, t in enumerate(row[:width]):
+                ids = self.token(int(t))
+                out[i, j, : len(ids)] = ids
+        return out

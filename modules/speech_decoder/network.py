@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from modules.layers.llama import KV, LayerStack, RMSNorm
+from modules.speech_decoder.alignment import NO_PHONEME, NUM_PHONEME_IDS
 
 
 @dataclass
@@ -72,6 +73,13 @@ class SpeechDecoderConfig:
     # embedding through a linear layer, so that what to say reaches every step directly, not
     # only through attention. Off = the release.
     aligned_text: bool = False
+    # With duration_positions: > 0 gives each text token eSpeak's phonemes of its text (at most
+    # this many; `modules.speech_decoder.alignment.TokenPhonemes`), as a bag added to its text
+    # frames and, one phoneme at a time, to the speech inputs: a token's codec tokens are split
+    # evenly over its phonemes, so each step is told the sound it makes. Sounds are shared across
+    # words where LLM tokens are not, so a word seen once or never in training is still spoken
+    # from its sounds. 0 = off (the release).
+    aligned_phonemes: int = 0
     top_k: int = 2  # the release's decoder_top_k
 
 
@@ -125,11 +133,20 @@ class TextPreNet(nn.Module):
         self.in_norm = RMSNorm(cfg.dim, cfg.rms_eps) if cfg.text_input_norm else None
         self.layers = _stack(cfg, cfg.pre_net_layers) if cfg.pre_net_layers else None
         self.duration = nn.Linear(cfg.dim, 1) if cfg.duration_positions else None
+        self.phonemes = nn.Embedding(NUM_PHONEME_IDS, cfg.dim, padding_idx=NO_PHONEME) if cfg.aligned_phonemes else None
 
-    def forward(self, text: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, text: torch.Tensor, valid: torch.Tensor, phonemes: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         x, valid = self.text_in(text, valid)
         if self.in_norm is not None:
             x = self.in_norm(x)
+        if self.phonemes is not None:
+            if phonemes is None:
+                raise ValueError("speech_decoder.aligned_phonemes needs the text tokens' phonemes")
+            count = (phonemes != NO_PHONEME).sum(-1, keepdim=True).clamp(min=1)
+            bag = self.phonemes(phonemes).sum(2) / count  # [B, m, d]: the mean of each token's sounds
+            x = x + bag.repeat_interleave(self.text_in.ratio, 1).to(x.dtype)
         if self.layers is not None:
             x, _ = self.layers(x, _positions(valid), _bidirectional_mask(valid))
         return x, valid
@@ -159,6 +176,7 @@ class SharedStack(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.rms_eps)
         self.out = nn.Linear(cfg.dim, cfg.codebook_size + 4)
         self.aligned = nn.Linear(cfg.dim, cfg.dim) if cfg.aligned_text else None
+        self.phoneme = nn.Embedding(NUM_PHONEME_IDS, cfg.dim, padding_idx=NO_PHONEME) if cfg.aligned_phonemes else None
 
     def forward(self, x, positions, mask, past=None) -> tuple[torch.Tensor, list[KV]]:
         return self.layers(x, positions, mask, past)
@@ -189,6 +207,8 @@ class SpeechDecoding:
             )
         if cfg.aligned_text and not cfg.duration_positions:
             raise ValueError("speech_decoder.aligned_text needs duration_positions: the durations place the text")
+        if cfg.aligned_phonemes and not cfg.duration_positions:
+            raise ValueError("speech_decoder.aligned_phonemes needs duration_positions: the durations place the sounds")
         self.dcfg = cfg
         self.ids = special_ids(cfg.codebook_size)
         self.embedding = nn.Embedding(cfg.codebook_size + 4, cfg.dim, padding_idx=self.ids["pad"])
@@ -246,6 +266,37 @@ class SpeechDecoding:
         picked = frames.gather(1, idx.clamp(min=0)[..., None].expand(-1, -1, frames.shape[-1]))
         return self.decoder.aligned(picked) * inside[..., None].to(picked.dtype)
 
+    def aligned_sounds(self, phonemes: torch.Tensor, durations: torch.Tensor, speech_pos: torch.Tensor) -> torch.Tensor:
+        """[B, n, d] added to the speech inputs at `speech_pos` [B, n] under `aligned_phonemes`:
+        the embedding of the phoneme each position says. Text token i spans [start_i, start_i +
+        durations_i) codec tokens and its phonemes ([B, m, P] ids) share that span evenly; zero
+        past the text's end."""
+        durations = durations.float()
+        starts = (durations.cumsum(1) - durations).contiguous()
+        at = speech_pos.float().contiguous()
+        j = torch.searchsorted(starts, at, right=True) - 1  # the last token starting at or before
+        inside = (j >= 0) & (at < durations.sum(1, keepdim=True))
+        j = j.clamp(min=0)
+        start, length = starts.gather(1, j), durations.gather(1, j).clamp(min=1e-6)
+        sounds = phonemes.gather(1, j[..., None].expand(-1, -1, phonemes.shape[-1]))  # [B, n, P]
+        count = (sounds != NO_PHONEME).sum(-1).clamp(min=1)
+        k = torch.minimum(((at - start) / length * count).floor().long().clamp(min=0), count - 1)
+        symbol = sounds.gather(2, k[..., None])[..., 0] * inside
+        return self.decoder.phoneme(symbol)
+
+    def speech_inputs(
+        self, tokens: torch.Tensor, cond: torch.Tensor, cond_pos: torch.Tensor, durations: torch.Tensor | None,
+        speech_pos: torch.Tensor, phonemes: torch.Tensor | None,
+    ) -> torch.Tensor:  # fmt: skip
+        """The speech tokens' inputs [B, n, d]: their embeddings plus, under `aligned_text` and
+        `aligned_phonemes`, the text frame and the phoneme each position speaks."""
+        x = self.embedding(tokens).to(cond.dtype)
+        if self.dcfg.aligned_text:
+            x = x + self.aligned_frames(cond, cond_pos, durations, speech_pos)
+        if self.dcfg.aligned_phonemes:
+            x = x + self.aligned_sounds(phonemes, durations, speech_pos).to(cond.dtype)
+        return x
+
     def log_durations(self, cond: torch.Tensor, text_valid: torch.Tensor) -> torch.Tensor:
         """The duration head's log(1 + codec tokens) per text token [B, m] (0 on padding), from
         the conditioning [B, 1 + r m, d]."""
@@ -258,9 +309,12 @@ class SpeechDecoding:
         return self.log_durations(cond, text_valid).exp().sub(1).clamp(min=0) * text_valid
 
     # --- conditioning ---------------------------------------------------------------------------
-    def condition(self, text: torch.Tensor, text_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """LLM text embeddings [B, m, W] (+ validity [B, m]) -> [BOS, pre-net(frames)] and its validity."""
-        x, valid = self.pre_net(text, text_valid)
+    def condition(
+        self, text: torch.Tensor, text_valid: torch.Tensor, phonemes: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """LLM text embeddings [B, m, W] (+ validity [B, m], phonemes [B, m, P] under
+        `aligned_phonemes`) -> [BOS, pre-net(frames)] and its validity."""
+        x, valid = self.pre_net(text, text_valid, phonemes)
         b = x.shape[0]
         bos = self.embedding.weight[self.ids["bos"]].expand(b, 1, -1).to(x.dtype)
         ones = torch.ones(b, 1, dtype=torch.bool, device=x.device)
@@ -287,13 +341,15 @@ class SpeechDecoding:
         hidden: torch.Tensor | None = None,
         hidden_valid: torch.Tensor | None = None,
         durations: torch.Tensor | None = None,
+        phonemes: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Teacher forcing. codes [B, T] (padding anywhere >= codes_lens); `durations` [B, m] the
-        text tokens' codec tokens (`duration_positions`). Returns (logits of the speech positions
+        text tokens' codec tokens (`duration_positions`), `phonemes` [B, m, P] their sounds
+        (`aligned_phonemes`). Returns (logits of the speech positions
         [B, T + 1, vocab], targets [B, T + 1] with -100 on padding, the duration head's
         log(1 + tokens) [B, m] or None without `duration_positions`)."""
         b, t = codes.shape
-        cond, cond_valid = self.condition(text, text_valid)
+        cond, cond_valid = self.condition(text, text_valid, phonemes)
         past, prefix_valid = self.prefix_cache(hidden, hidden_valid)
         if past is not None and prefix_valid.shape[0] != b:
             raise ValueError("hidden states and text batches differ in size")
@@ -304,9 +360,7 @@ class SpeechDecoding:
         inputs = torch.where(ar[None, 1:] <= codes_lens[:, None], codes.clamp(min=0), self.ids["pad"])
         inputs = torch.cat([torch.full((b, 1), self.ids["sos"], device=codes.device), inputs], 1)
         cond_pos, speech_pos = self.cond_positions(cond_valid, durations), self.speech_positions(cond_valid, ar)
-        speech = self.embedding(inputs).to(cond.dtype)
-        if self.dcfg.aligned_text:
-            speech = speech + self.aligned_frames(cond, cond_pos, durations, speech_pos)
+        speech = self.speech_inputs(inputs, cond, cond_pos, durations, speech_pos, phonemes)
         x = torch.cat([cond, speech], 1)
         c = cond.shape[1]
         # keys: prefix | conditioning | speech
@@ -352,15 +406,16 @@ class SpeechDecoding:
         on_token=None,
         on_prefill=None,
         durations: torch.Tensor | None = None,
+        phonemes: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
         """Codec tokens per batch row (without EOS). `use_cache=False` recomputes the whole
         sequence at every step (the benchmark's baseline); `on_token(step, tokens [B])` sees each
         step's tokens as they come (streaming); `on_prefill()` is called once the NAR prefill of
         the conditioning is done (latency breakdowns); `durations` [B, m] replace the duration
-        head's (`duration_positions`)."""
+        head's (`duration_positions`); `phonemes` [B, m, P] (`aligned_phonemes`)."""
         top_k = self.dcfg.top_k if top_k is None else top_k
         max_tokens = self.dcfg.max_tokens if max_tokens is None else max_tokens
-        cond, cond_valid = self.condition(text, text_valid)
+        cond, cond_valid = self.condition(text, text_valid, phonemes)
         b, c = cond.shape[:2]
         prefix, prefix_valid = self.prefix_cache(hidden, hidden_valid)
         prefix_valid = prefix_valid.expand(b, -1)
@@ -383,10 +438,8 @@ class SpeechDecoding:
         for step in range(max_tokens):
             keys_valid = torch.cat([keys_valid, torch.ones(b, 1, dtype=torch.bool, device=device)], 1)
             if use_cache:
-                x = self.embedding(token)[:, None].to(cond.dtype)
                 pos = self.speech_positions(cond_valid, torch.tensor([step], device=device))
-                if self.dcfg.aligned_text:
-                    x = x + self.aligned_frames(cond, cond_pos, durations, pos)
+                x = self.speech_inputs(token[:, None], cond, cond_pos, durations, pos, phonemes)
                 m = keys_valid[:, None]
                 near = self.near_text(cond_pos, pos)
                 if near is not None:
@@ -394,11 +447,9 @@ class SpeechDecoding:
                     m[:, :, p : p + c] &= near
                 h, past = self.decoder(x, pos, m, past)
             else:  # recompute conditioning + every token so far (prefix keys stay cached)
-                seq = self.embedding(torch.stack(history, 1)).to(cond.dtype)
-                n = seq.shape[1]
+                n = len(history)
                 speech_pos = self.speech_positions(cond_valid, torch.arange(n, device=device))
-                if self.dcfg.aligned_text:
-                    seq = seq + self.aligned_frames(cond, cond_pos, durations, speech_pos)
+                seq = self.speech_inputs(torch.stack(history, 1), cond, cond_pos, durations, speech_pos, phonemes)
                 full = torch.cat([cond, seq], 1)
                 m = keys_valid[:, None].expand(-1, c + n, -1).clone()
                 m[:, :c, p + c :] = False

@@ -33,7 +33,7 @@ from datamodules.shards.reader import iter_metadata, iter_raw
 from datamodules.text_qa import chat_messages
 from datamodules.tts import CODES_MEMBER, TTSDataModule
 from modules.llm.hf import load_llm
-from modules.speech_decoder.alignment import ESpeakAligner
+from modules.speech_decoder.alignment import ESpeakAligner, TokenPhonemes
 from modules.speech_decoder.network import SpeechDecoderConfig, SpeechDecoding
 from modules.stage import (
     StageModule,
@@ -68,6 +68,7 @@ class SpeechDecoder(SpeechDecoding, StageModule):
         self.build_parts(dcfg, llm.config.hidden_size)
         self.llm, self.tokenizer = llm, tokenizer
         self.aligner = ESpeakAligner(tokenizer) if dcfg.duration_positions else None
+        self.sounds = TokenPhonemes(tokenizer, dcfg.aligned_phonemes) if dcfg.aligned_phonemes else None
 
     def components(self) -> dict[str, nn.Module]:
         comps = {"embedding": self.embedding, "pre_net": self.pre_net, "decoder": self.decoder, "llm": self.llm}
@@ -93,6 +94,14 @@ class SpeechDecoder(SpeechDecoding, StageModule):
         """The LLM's input embeddings of each text's tokens [B, m, W] and their validity."""
         ids, valid = self._pad(self.text_ids(texts))
         return self.llm.get_input_embeddings()(ids).float(), valid
+
+    def phoneme_inputs(self, texts: list[str]) -> torch.Tensor | None:
+        """Each text token's phonemes [B, m, P] under `aligned_phonemes` (None without)."""
+        if self.sounds is None:
+            return None
+        rows = self.text_ids(texts)
+        width = max(1, max(len(r) for r in rows))
+        return torch.from_numpy(self.sounds(rows, width)).to(self.device)
 
     @torch.no_grad()
     def reply_hidden_states(self, messages: list[list[dict]], replies: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,7 +134,7 @@ class SpeechDecoder(SpeechDecoding, StageModule):
             lens = [int(n) for n in batch["codes_lens"]]
             durations = torch.from_numpy(self.aligner.durations(batch["texts"], lens, text.shape[1])).to(self.device)
         return {"text": text, "text_valid": text_valid, "hidden": hidden, "hidden_valid": hidden_valid,
-                "durations": durations}  # fmt: skip
+                "durations": durations, "phonemes": self.phoneme_inputs(batch["texts"])}  # fmt: skip
 
     # --- training -------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
@@ -135,7 +144,7 @@ class SpeechDecoder(SpeechDecoding, StageModule):
         cond = self.conditioning(batch)
         logits, targets, log_dur = self.teacher_forced(
             cond["text"], cond["text_valid"], batch["codes"].to(self.device), batch["codes_lens"].to(self.device),
-            cond["hidden"], cond["hidden_valid"], cond["durations"],
+            cond["hidden"], cond["hidden_valid"], cond["durations"], cond["phonemes"],
         )  # fmt: skip
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         keep = targets != -100
