@@ -33,6 +33,7 @@ from modules.encoder.ctc import JUDGE_LABEL, load_judge, transcribe
 from modules.llm.generate import evaluate_text_qa
 from modules.llm.hf import load_llm
 from modules.speech_decoder.stage import load_speech_decoder
+from server.fifo import split_reply
 
 log = logging.getLogger(__name__)
 ROWS = [  # (label, decoder variant, prefix)
@@ -65,26 +66,51 @@ def test_replies(cfg: DictConfig, turns: int) -> list[dict]:
 
 @torch.inference_mode()
 def speak(decoder, codec, voice: torch.Tensor, items: list[dict], prefix: bool, top_k: int, seed: int,
-          batch: int = 16) -> list[np.ndarray]:  # fmt: skip
-    """24 kHz audio of each item's text through decoder (+ prefix) and codec."""
+          batch: int = 16, segments: tuple[int, int, bool] | None = None) -> list[np.ndarray]:  # fmt: skip
+    """24 kHz audio of each item's text through decoder (+ prefix) and codec. `segments`
+    (min_tokens, comma_after, clauses) speaks each reply segment by segment as the duplex engine does
+    (`server.fifo.split_reply`; the prefix of a segment is the hidden states of its tokens) and
+    joins their audio; None speaks each reply whole."""
     gen = torch.Generator().manual_seed(seed)
-    wavs = []
+    parts = []  # (item index, text, LLM hidden states [n, W] or None)
     for i in range(0, len(items), batch):
-        part = items[i : i + batch]
-        b = {"texts": [x["text"] for x in part]}
+        chunk = items[i : i + batch]
+        hidden = valid = None
         if prefix:
-            b["messages"] = [x["messages"] for x in part]
-        cond = decoder.conditioning(b)
-        codes = decoder.generate(cond["text"], cond["text_valid"], cond["hidden"], cond["hidden_valid"],
-                                 top_k=top_k, generator=gen, phonemes=cond["phonemes"])  # fmt: skip
-        for c in codes:
-            wavs.append(codec.decode(c[None], voice)[0, 0].numpy() if len(c) else np.zeros(0, np.float32))
-    return wavs
+            hidden, valid = decoder.reply_hidden_states([x["messages"] for x in chunk], [x["text"] for x in chunk])
+        for j, x in enumerate(chunk):
+            h = hidden[j, valid[j]] if prefix else None
+            if segments is None:
+                parts.append((i + j, x["text"], h))
+                continue
+            ids = decoder.text_ids([x["text"]])[0]
+            for text, a, b in split_reply(decoder.tokenizer, ids, *segments):
+                parts.append((i + j, text, None if h is None else h[a:b]))
+    audio: list[list[np.ndarray]] = [[] for _ in items]
+    for i in range(0, len(parts), batch):
+        chunk = parts[i : i + batch]
+        cond = decoder.conditioning({"texts": [t for _, t, _ in chunk]})
+        hidden = hidden_valid = None
+        if prefix:
+            n = max(1, max(len(h) for _, _, h in chunk))
+            hidden = cond["text"].new_zeros(len(chunk), n, chunk[0][2].shape[-1])
+            hidden_valid = torch.zeros(len(chunk), n, dtype=torch.bool, device=hidden.device)
+            for k, (_, _, h) in enumerate(chunk):
+                hidden[k, : len(h)], hidden_valid[k, : len(h)] = h, True
+        codes = decoder.generate(cond["text"], cond["text_valid"], hidden, hidden_valid, top_k=top_k, generator=gen,
+                                 phonemes=cond["phonemes"])  # fmt: skip
+        for (item, _, _), c in zip(chunk, codes):
+            if len(c):
+                audio[item].append(codec.decode(c[None], voice)[0, 0].numpy())
+    return [np.concatenate(a) if a else np.zeros(0, np.float32) for a in audio]
 
 
 def evaluate_speech_output(cfg: DictConfig) -> dict:
     turns = cfg.eval.speech_output_turns
     top_ks = list(cfg.eval.top_ks)
+    segments = None  # each reply whole, or segment by segment as the duplex engine speaks it
+    if cfg.eval.speech_output_segments:
+        segments = (cfg.duplex.segment_min_tokens, cfg.duplex.segment_comma_after, cfg.duplex.segment_clauses)
     items = test_replies(cfg, turns)
     refs = [x["text"] for x in items]
     judge = load_judge(cfg)
@@ -117,7 +143,7 @@ def evaluate_speech_output(cfg: DictConfig) -> dict:
             continue
         row = {"row": label, "variant": variant, "prefix": prefix, "wer": {}}
         for k in tqdm(top_ks, desc=label, unit="top-k"):
-            wavs = speak(decoder, codec, voice, items, prefix, k, cfg.seed)
+            wavs = speak(decoder, codec, voice, items, prefix, k, cfg.seed, segments=segments)
             hyps = transcribe(judge, wavs, rate)
             row["wer"][str(k)] = wer(hyps, refs)
             row.setdefault("mcd_db", {})[str(k)] = mel_cepstral_distortion(truth, wavs, rate)
@@ -139,7 +165,12 @@ def evaluate_speech_output(cfg: DictConfig) -> dict:
         f"Floor (the replies spoken by eSpeak in the assistant voice): {100 * floor:.1f}%; "
         f"through the codec (encode + decode): {100 * codec_wer:.1f}% (MCD {codec_mcd:.2f} dB); best row "
         f"{100 * best:.1f}% = {best / max(floor, 1e-9):.2f} x the floor. Cells: judge WER (mel-cepstral "
-        "distortion to eSpeak's audio, DTW-aligned).",
+        "distortion to eSpeak's audio, DTW-aligned). "
+        + (
+            "Each reply is spoken segment by segment, as the duplex engine cuts it."
+            if segments
+            else "Each reply is spoken whole."
+        ),
         *(
             [
                 "",
@@ -158,7 +189,7 @@ def evaluate_speech_output(cfg: DictConfig) -> dict:
                                              for k in top_ks) + " |" for r in rows]  # fmt: skip
     table = "\n".join(lines) + "\n"
     result = {
-        "replies": len(items), "judge": JUDGE_LABEL, "floor_wer": floor, "codec_resynthesis_wer": codec_wer,
+        "replies": len(items), "segments": segments is not None, "judge": JUDGE_LABEL, "floor_wer": floor, "codec_resynthesis_wer": codec_wer,
         "codec_resynthesis_mcd_db": codec_mcd,
         "best_wer": best, "best_over_floor": best / max(floor, 1e-9), "rows": rows, "missing": missing,
         "table": table,

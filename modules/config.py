@@ -122,6 +122,9 @@ class EvalConfig:
     variants: list[str] = field(default_factory=lambda: ["", "dynamic"])
     # Table 2: replies of the LLM to the test questions that the decoder speaks, and its top-k values
     speech_output_turns: int = 100
+    # Table 2 speaks each reply segment by segment as the duplex engine does (duplex.segment_*:
+    # at sentence ends, and commas in the first segment), joining their audio; false: whole replies
+    speech_output_segments: bool = True
     # Decoder chains in Table 2: "" = the main one (with the pre-network), "nopre" = without it.
     decoder_variants: list[str] = field(default_factory=lambda: ["nopre", ""])
     top_ks: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
@@ -137,6 +140,9 @@ class DuplexConfig:
     vad_end_chunks: int = 13  # ~2 s without speech drops a turn the state head never ended (release: 2 s)
     segment_min_tokens: int = 4  # text segmenting (release: 4 tokens, commas for the first segment ...)
     segment_comma_after: int = 20  # ... or once a segment has 20 tokens
+    # false: segments end only at full stops (. ? ! newline), whole sentences as the decoder
+    # learnt them, at the cost of waiting for the first sentence's end (release: true)
+    segment_clauses: bool = True
     first_chunk_tokens: int = 20  # token FIFO: first window of an answer (release: 20)
     chunk_tokens: int = 40  # later windows (release: 40)
     context_tokens: int = 10  # context on each side of a window (release: 10)

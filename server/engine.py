@@ -250,7 +250,8 @@ class DuplexModel:
         complete, then None."""
         try:
             m = self.llm
-            seg = TextSegmenter(self.cfg.duplex.segment_min_tokens, self.cfg.duplex.segment_comma_after)
+            d = self.cfg.duplex
+            seg = TextSegmenter(d.segment_min_tokens, d.segment_comma_after, d.segment_clauses)
             run = {"text": "", "hidden": []}
 
             def on_token(ids: list[int], hidden: torch.Tensor) -> None:

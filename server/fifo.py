@@ -6,6 +6,8 @@ Reference sections 3.3 and 4.5, rebuilt (and with the release's slow spots left 
   piece ending in a sentence end (. ? ! : newline, and their full-width forms) once the segment
   holds `min_tokens` tokens; commas count too for the first segment of an answer and for
   segments already `comma_after` tokens long. "1." (a digit before the period) never cuts.
+  Without `clauses` only full stops (. ? ! newline) cut: whole sentences, as the decoder
+  learnt to speak them.
 * `TokenFIFO` turns a stream of codec tokens into PCM: the first window decodes
   `first_chunk + context` tokens and emits the audio of the first `first_chunk`; later windows
   decode `context + chunk + context` tokens and emit the middle `chunk` (10 tokens = 250 ms of
@@ -23,13 +25,14 @@ import torch
 
 SENTENCE_ENDS = tuple(".?!:\n。？！：")
 COMMAS = tuple(",，")
+FULL_STOPS = tuple(".?!\n。？！")  # the only cuts without clauses
 
 
 class TextSegmenter:
     """Feed generated text pieces (one per LLM token); get segments to speak."""
 
-    def __init__(self, min_tokens: int = 4, comma_after: int = 20):
-        self.min_tokens, self.comma_after = min_tokens, comma_after
+    def __init__(self, min_tokens: int = 4, comma_after: int = 20, clauses: bool = True):
+        self.min_tokens, self.comma_after, self.clauses = min_tokens, comma_after, clauses
         self.text, self.tokens, self.segments_done = "", 0, 0
 
     def feed(self, piece: str) -> str | None:
@@ -40,9 +43,12 @@ class TextSegmenter:
         stripped = piece.rstrip(" ")
         if not stripped or self.tokens < self.min_tokens:
             return None
-        ends = SENTENCE_ENDS
-        if self.segments_done == 0 or self.tokens >= self.comma_after:
-            ends = ends + COMMAS
+        if not self.clauses:
+            ends = FULL_STOPS
+        elif self.segments_done == 0 or self.tokens >= self.comma_after:
+            ends = SENTENCE_ENDS + COMMAS
+        else:
+            ends = SENTENCE_ENDS
         if not stripped.endswith(ends):
             return None
         if stripped.endswith(".") and stripped == "." and previous.rstrip()[-1:].isdigit():
@@ -63,6 +69,29 @@ class TextSegmenter:
         segment, self.text, self.tokens = self.text.strip(), "", 0
         self.segments_done += 1
         return segment
+
+
+def split_reply(
+    tokenizer, ids: list[int], min_tokens: int = 4, comma_after: int = 20, clauses: bool = True
+) -> list[tuple[str, int, int]]:
+    """A finished reply's segments as the engine cuts them while it streams: (text, first token,
+    end token) each, the tokens fed one at a time, decoded as a growing text (a piece that ends
+    in an incomplete character waits for the next token)."""
+    seg, out, start, text = TextSegmenter(min_tokens, comma_after, clauses), [], 0, ""
+    for i in range(len(ids)):
+        new = tokenizer.decode(ids[: i + 1], skip_special_tokens=True)
+        piece = new[len(text) :]
+        if "\ufffd" in piece:
+            continue
+        text = new
+        done = seg.feed(piece)
+        if done:
+            out.append((done, start, i + 1))
+            start = i + 1
+    rest = seg.flush()
+    if rest:
+        out.append((rest, start, len(ids)))
+    return out
 
 
 class TokenFIFO:

@@ -96,11 +96,12 @@ def test_an_answer_is_spoken_with_its_latency_marks(duplex_args):
     assert [e.kind for e in events] == ["turn_start", "answer"]
     with pytest.raises(RuntimeError, match="generate"):
         model.feed(s, _speech(0.2))
-    reply = _say(model, s, "You saw four animals, then two more.")
+    reply = _say(model, s, "You saw four animals, then two more. Six.")
     assert s.history[-1] == {"role": "assistant", "text": reply.text} and s.mode == "idle"
-    assert reply.text == "You saw four animals, then two more." and reply.segments == [
-        "You saw four animals,",
-        "then two more.",
+    # tiny speaks whole sentences (duplex.segment_clauses=false); "Six." is too short to stand alone
+    assert reply.text == "You saw four animals, then two more. Six." and reply.segments == [
+        "You saw four animals, then two more.",
+        "Six.",
     ]
     marks = reply.latency_ms
     assert set(marks) == {"text", "prefill", "tokens", "pcm", "total"} and all(v >= 0 for v in marks.values())

@@ -27,6 +27,26 @@ def test_segments_cut_at_sentence_ends_commas_only_first_or_long():
     assert _segments(long, comma_after=5) == ["A.A.", "w w w w w,", "x."]
 
 
+def test_without_clauses_only_full_stops_cut_and_split_reply_keeps_token_spans():
+    from server.fifo import split_reply
+
+    pieces = ["Counting", " back", " from", " twelve", ":", " eleven", ",", " ten", ",", " nine", ".",
+              " Twelve", " minus", " three", " is", " nine", "."]  # fmt: skip
+    whole = ["Counting back from twelve: eleven, ten, nine.", "Twelve minus three is nine."]
+    assert _segments(pieces, clauses=False) == whole
+    assert _segments(pieces[:10], clauses=False, comma_after=2) == ["Counting back from twelve: eleven, ten, nine"]
+
+    class Pieces:  # token i is pieces[i]; tokens 17 and 18 are the two bytes of " é"
+        def decode(self, ids, skip_special_tokens=True):
+            text = "".join(pieces[i] for i in ids if i < 17)
+            return text + (" é" if 18 in ids else "\ufffd" if 17 in ids else "")
+
+    ids = list(range(17))
+    assert split_reply(Pieces(), ids, clauses=False) == [(whole[0], 0, 11), (whole[1], 11, 17)]
+    assert [s for s, _, _ in split_reply(Pieces(), ids)] == _segments(pieces)  # as the engine cuts them
+    assert split_reply(Pieces(), [*ids, 17, 18], clauses=False)[-1] == ("é", 17, 19)  # waits for the whole character
+
+
 def test_list_numbers_do_not_cut_and_flush_returns_the_rest():
     assert _segments(["Step", " one", " is", " 1", ".", " then", " go"]) == ["Step one is 1. then go"]
     seg = TextSegmenter()
