@@ -64,6 +64,25 @@ def test_quantizer_starts_from_data_passes_gradients_and_follows_its_codes():
     assert torch.equal(before, vq.codebook)
 
 
+def test_factorized_codes_are_unit_vectors_looked_up_by_direction_and_train_both_maps():
+    from modules.layers.quantizer import FactorizedQuantizer
+
+    torch.manual_seed(0)
+    fq = FactorizedQuantizer(16, 12, code_dim=3, decay=0.0).train()
+    x = torch.randn(64, 12, requires_grad=True)
+    q, codes, loss = fq(x)
+    assert q.shape == (64, 12) and codes.shape == (64,) and bool(fq.inner.initialized)
+    (q.square().sum() + loss).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in fq.parameters())  # both maps learn
+    fq.eval()
+    with torch.no_grad():
+        assert torch.equal(fq.codes(x), fq(x)[1])  # lookup without update = the training path's codes
+        assert torch.allclose(fq(x)[0], fq.embed(fq.codes(x)), atol=1e-5)  # what decode sees
+        book = torch.nn.functional.normalize(fq.inner.codebook, dim=-1)
+        low = torch.nn.functional.normalize(fq.proj_in(x), dim=-1)
+        assert torch.equal(fq.codes(x), (low @ book.T).argmax(1))  # nearest unit vector = best cosine
+
+
 def test_dead_codes_restart_where_the_data_is():
     torch.manual_seed(0)
     vq = VectorQuantizer(32, 2, decay=0.5, dead_code_threshold=0.5).train()

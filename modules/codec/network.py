@@ -55,6 +55,9 @@ class CodecConfig:
     global_codebook_size: int = 1024
     ema_decay: float = 0.99
     dead_code_threshold: float = 0.1  # share of a code's fair EMA count below which it restarts
+    # > 0: codes are looked up as unit vectors of this many dimensions (a linear map from `dim`
+    # and back; `modules.layers.quantizer.FactorizedQuantizer`); 0: in the full `dim` (the paper)
+    code_dim: int = 0
     commitment_weight: float = 0.25
     # discriminators (training only): MPD periods and widths, MSD scales and base width
     disc_periods: list[int] = field(default_factory=lambda: [2, 3, 5, 7, 11])

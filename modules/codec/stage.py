@@ -50,7 +50,7 @@ from modules.codec.network import (
     hop_length,
 )
 from modules.config import run_dir
-from modules.layers.quantizer import GlobalQuantizer, VectorQuantizer, codebook_usage
+from modules.layers.quantizer import FactorizedQuantizer, GlobalQuantizer, VectorQuantizer, codebook_usage
 from modules.stage import StageModule, StageRun, StageSpec, load_saved_weights, make_optimizer, read_stage_output
 from modules.tb import log_audio, log_spectrograms
 
@@ -88,7 +88,11 @@ class Codec(StageModule):
         c = self.codec_cfg = codec_config(cfg)
         self.hop = hop_length(c)
         self.encoder = build_encoder(c)
-        self.quantizer = VectorQuantizer(c.codebook_size, c.dim, c.ema_decay, c.dead_code_threshold)
+        self.quantizer = (
+            FactorizedQuantizer(c.codebook_size, c.dim, c.code_dim, c.ema_decay, c.dead_code_threshold)
+            if c.code_dim
+            else VectorQuantizer(c.codebook_size, c.dim, c.ema_decay, c.dead_code_threshold)
+        )
         self.global_quantizer = GlobalQuantizer(
             c.global_dim, c.global_groups, c.global_codebook_size, c.ema_decay, c.dead_code_threshold
         )
@@ -155,7 +159,7 @@ class Codec(StageModule):
 
     # --- training -------------------------------------------------------------------------------
     def _generator_params(self) -> list[nn.Parameter]:
-        return [p for m in (self.encoder, self.generator) for p in m.parameters() if p.requires_grad]
+        return [p for m in (self.encoder, self.quantizer, self.generator) for p in m.parameters() if p.requires_grad]
 
     def adversarial(self) -> bool:
         return self.global_step >= self.codec_cfg.adversarial_start and self.discriminators.training

@@ -121,6 +121,44 @@ def codebook_usage(codes: torch.Tensor, size: int) -> dict[str, float]:
     return {"perplexity": float(entropy.exp()), "used": float((probs > 0).float().mean())}
 
 
+class FactorizedQuantizer(nn.Module):
+    """A `VectorQuantizer` looked up in a small space: x [N, D] -> Linear to `code_dim` -> unit
+    length -> nearest code (a unit vector too) -> Linear back to D. With few dimensions and unit
+    vectors, the nearest code is a cosine match and more of the codebook is in use early in
+    training (the factorized, l2-normalized codes of ViT-VQGAN and DAC). Same interface."""
+
+    def __init__(self, size: int, dim: int, code_dim: int, decay: float = 0.99, dead_code_threshold: float = 0.1):
+        super().__init__()
+        self.inner = VectorQuantizer(size, code_dim, decay, dead_code_threshold)
+        self.proj_in, self.proj_out = nn.Linear(dim, code_dim), nn.Linear(code_dim, dim)
+
+    def _low(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.proj_in(x).float(), dim=-1)
+
+    def _unit_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.inner.embed(codes), dim=-1)
+
+    def _nearest(self, low: torch.Tensor) -> torch.Tensor:
+        return (low @ F.normalize(self.inner.codebook.float(), dim=-1).T).argmax(1)  # best cosine
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        return self._nearest(self._low(x))
+
+    def embed(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.proj_out(self._unit_codes(codes))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        low = self._low(x)
+        if self.training and not bool(self.inner.initialized):
+            self.inner._init_from(low.detach())
+        codes = self._nearest(low.detach())
+        q = self._unit_codes(codes)
+        if self.training:
+            self.inner._ema_update(low.detach(), codes)
+        commitment = F.mse_loss(low, q.detach())
+        return self.proj_out(low + (q - low).detach()).to(x.dtype), codes, commitment
+
+
 class GlobalQuantizer(nn.Module):
     """The voice vector [B, 128] as 8 groups of 16 dims, each from its own codebook of 1024."""
 
