@@ -52,7 +52,7 @@ from omegaconf import DictConfig
 from datamodules.corpus.turns import ANSWER, DROP, LISTEN
 from modules.speech_llm.model import ALIGN, CHUNK_SAMPLES, PROMPT, STATE, SpeechLLM
 from modules.speech_llm.streaming import StreamingInput
-from server.fifo import TextSegmenter, TokenFIFO
+from server.fifo import ReplyText, TextSegmenter, TokenFIFO
 from server.session import Decision, Event, Reply, Session
 from server.vad import VADGate
 
@@ -252,14 +252,12 @@ class DuplexModel:
             m = self.llm
             d = self.cfg.duplex
             seg = TextSegmenter(d.segment_min_tokens, d.segment_comma_after, d.segment_clauses)
-            run = {"text": "", "hidden": []}
+            reply, run = ReplyText(m.tokenizer), {"hidden": []}
 
             def on_token(ids: list[int], hidden: torch.Tensor) -> None:
                 run["hidden"].append(hidden.float())  # the state that predicted this token
-                new = m.tokenizer.decode(ids, skip_special_tokens=True)
-                piece, run["text"] = new[len(run["text"]) :], new
-                if "\ufffd" in piece:  # an incomplete character: wait for the next token
-                    run["text"] = run["text"][: len(run["text"]) - len(piece)]
+                piece = reply.piece(ids)
+                if piece is None:  # an incomplete character: wait for the next token
                     return
                 done = seg.feed(piece)
                 if done:

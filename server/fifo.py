@@ -71,19 +71,33 @@ class TextSegmenter:
         return segment
 
 
+class ReplyText:
+    """A reply's text as its tokens arrive: `piece(ids)` takes all the tokens so far and returns
+    the text they add, or None while the last ones end in an incomplete character (they come out
+    with the next token)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.text = tokenizer, ""
+
+    def piece(self, ids: list[int]) -> str | None:
+        new = self.tokenizer.decode(ids, skip_special_tokens=True)
+        piece = new[len(self.text) :]
+        if "\ufffd" in piece:
+            return None
+        self.text = new
+        return piece
+
+
 def split_reply(
     tokenizer, ids: list[int], min_tokens: int = 4, comma_after: int = 20, clauses: bool = True
 ) -> list[tuple[str, int, int]]:
     """A finished reply's segments as the engine cuts them while it streams: (text, first token,
-    end token) each, the tokens fed one at a time, decoded as a growing text (a piece that ends
-    in an incomplete character waits for the next token)."""
-    seg, out, start, text = TextSegmenter(min_tokens, comma_after, clauses), [], 0, ""
+    end token) each, the tokens fed one at a time through `ReplyText` and `TextSegmenter`."""
+    seg, out, start, text = TextSegmenter(min_tokens, comma_after, clauses), [], 0, ReplyText(tokenizer)
     for i in range(len(ids)):
-        new = tokenizer.decode(ids[: i + 1], skip_special_tokens=True)
-        piece = new[len(text) :]
-        if "\ufffd" in piece:
+        piece = text.piece(ids[: i + 1])
+        if piece is None:
             continue
-        text = new
         done = seg.feed(piece)
         if done:
             out.append((done, start, i + 1))

@@ -93,23 +93,18 @@ def main(argv: list[str] | None = None) -> dict:
     def decode(tokens):
         return codec.decode(torch.tensor(tokens)[None], voice)[0, 0].numpy()
 
+    def generate(**kw):  # the same answer every time: n steps over the same text and prefix
+        return net.generate(text, valid, hidden, valid, top_k=2, max_tokens=args.tokens, phonemes=sounds,
+                            durations=spread, **kw)  # fmt: skip
+
     with _NoEOS(net), torch.inference_mode():
         n = args.tokens
-        t_cache = _time(
-            lambda: net.generate(text, valid, hidden, valid, top_k=2, max_tokens=n, phonemes=sounds, durations=spread),
-            args.repeats,
-        )
-        t_plain = _time(
-            lambda: net.generate(
-                text, valid, hidden, valid, top_k=2, max_tokens=n, phonemes=sounds, durations=spread, use_cache=False
-            ),
-            args.repeats,
-        )
+        t_cache = _time(generate, args.repeats)
+        t_plain = _time(lambda: generate(use_cache=False), args.repeats)
 
         def synthesize():
             fifo = TokenFIFO(decode, hop=hop)
-            net.generate(text, valid, hidden, valid, top_k=2, max_tokens=n, phonemes=sounds, durations=spread,
-                         on_token=lambda step, tok: list(fifo.push(int(tok[0]))))  # fmt: skip
+            generate(on_token=lambda step, tok: list(fifo.push(int(tok[0]))))
             fifo.flush()
 
         t_synth = _time(synthesize, args.repeats)
@@ -123,17 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
                     raise StopIteration
 
             with contextlib.suppress(StopIteration):  # stop at the first PCM chunk
-                net.generate(
-                    text,
-                    valid,
-                    hidden,
-                    valid,
-                    top_k=2,
-                    max_tokens=n,
-                    phonemes=sounds,
-                    durations=spread,
-                    on_token=on_token,
-                )
+                generate(on_token=on_token)
 
         t_first = _time(first_pcm, args.repeats)
     audio_s = n * hop / rate

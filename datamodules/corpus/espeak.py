@@ -179,6 +179,8 @@ class _Engine:
         lib.espeak_Synchronize.restype = ctypes.c_int
         lib.espeak_Terminate.argtypes = []
         lib.espeak_Terminate.restype = ctypes.c_int
+        lib.espeak_TextToPhonemes.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_int]
+        lib.espeak_TextToPhonemes.restype = ctypes.c_char_p
         # Seeds the generator behind the breath noise of some variants (f2, f3, f5, ...), which is
         # otherwise seeded from the clock at initialization. Added in eSpeak NG 1.52.
         self.set_rand_seed = getattr(lib, "espeak_ng_SetRandSeed", None)
@@ -382,10 +384,6 @@ class ESpeak:
             engine = _engine()
             lib = engine.lib if engine.lib is not None else engine.fresh_library()
             engine.dirty = True
-            if not getattr(lib, "_phonemes_typed", False):
-                lib.espeak_TextToPhonemes.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_int]
-                lib.espeak_TextToPhonemes.restype = ctypes.c_char_p
-                lib._phonemes_typed = True
             rc = lib.espeak_SetVoiceByName(voice.espeak_name.encode())
             if rc != EE_OK:
                 raise RuntimeError(f"espeak_SetVoiceByName({voice.espeak_name!r}) failed ({rc})")

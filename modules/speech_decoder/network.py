@@ -120,6 +120,15 @@ def _positions(valid: torch.Tensor) -> torch.Tensor:
     return (valid.long().cumsum(1) - 1).clamp(min=0)
 
 
+def _covering(starts: torch.Tensor, at: torch.Tensor, end: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For positions `at` [B, n]: the index of the last of `starts` [B, k] (non-decreasing) at or
+    before each (0 where none is), and whether the position lies at or after the first start and
+    before `end` [B, 1]."""
+    at = at.float().contiguous()
+    idx = torch.searchsorted(starts.float().contiguous(), at, right=True) - 1
+    return idx.clamp(min=0), (idx >= 0) & (at < end)
+
+
 def _stack(cfg: SpeechDecoderConfig, layers: int) -> LayerStack:
     return LayerStack(layers, cfg.dim, cfg.num_heads, cfg.ffn_dim, cfg.rms_eps, cfg.dropout, cfg.rope_theta)
 
@@ -259,11 +268,9 @@ class SpeechDecoding:
         """[B, n, d] added to the speech inputs at `speech_pos` [B, n] under `aligned_text`: the
         conditioning frame ([BOS, frames] = `cond`, at `cond_pos`) whose text each position
         speaks, through the linear layer; zero past the text's end (`durations` [B, m] sum)."""
-        frames, starts = cond[:, 1:], cond_pos[:, 1:].float().contiguous()
-        at = speech_pos.float().contiguous()
-        idx = torch.searchsorted(starts, at, right=True) - 1  # the last frame starting at or before
-        inside = (idx >= 0) & (at < durations.sum(1, keepdim=True))
-        picked = frames.gather(1, idx.clamp(min=0)[..., None].expand(-1, -1, frames.shape[-1]))
+        frames = cond[:, 1:]
+        idx, inside = _covering(cond_pos[:, 1:], speech_pos, durations.sum(1, keepdim=True))
+        picked = frames.gather(1, idx[..., None].expand(-1, -1, frames.shape[-1]))
         return self.decoder.aligned(picked) * inside[..., None].to(picked.dtype)
 
     def aligned_sounds(self, phonemes: torch.Tensor, durations: torch.Tensor, speech_pos: torch.Tensor) -> torch.Tensor:
@@ -272,11 +279,9 @@ class SpeechDecoding:
         durations_i) codec tokens and its phonemes ([B, m, P] ids) share that span evenly; zero
         past the text's end."""
         durations = durations.float()
-        starts = (durations.cumsum(1) - durations).contiguous()
-        at = speech_pos.float().contiguous()
-        j = torch.searchsorted(starts, at, right=True) - 1  # the last token starting at or before
-        inside = (j >= 0) & (at < durations.sum(1, keepdim=True))
-        j = j.clamp(min=0)
+        starts = durations.cumsum(1) - durations
+        j, inside = _covering(starts, speech_pos, durations.sum(1, keepdim=True))
+        at = speech_pos.float()
         start, length = starts.gather(1, j), durations.gather(1, j).clamp(min=1e-6)
         sounds = phonemes.gather(1, j[..., None].expand(-1, -1, phonemes.shape[-1]))  # [B, n, P]
         count = (sounds != NO_PHONEME).sum(-1).clamp(min=1)
