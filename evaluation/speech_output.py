@@ -83,7 +83,7 @@ def speak(decoder, codec, voice: torch.Tensor, items: list[dict], prefix: bool, 
             if segments is None:
                 parts.append((i + j, x["text"], h))
                 continue
-            ids = decoder.text_ids([x["text"]])[0]
+            ids = decoder.reply_ids([x["text"]])[0]
             for text, a, b in split_reply(decoder.tokenizer, ids, *segments):
                 parts.append((i + j, text, None if h is None else h[a:b]))
     audio: list[list[np.ndarray]] = [[] for _ in items]

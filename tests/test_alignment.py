@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from modules.speech_decoder.alignment import ESpeakAligner, token_fractions
+from modules.speech_decoder.alignment import ESpeakAligner, decoder_tokens, token_fractions
 
 
 def words_tokenizer(text, add_special_tokens=False, return_offsets_mapping=True):
@@ -30,6 +30,33 @@ def test_shares_never_go_back_even_if_events_do():
     text = "a b c"
     f = token_fractions(text, words_tokenizer(text)["offset_mapping"], [(0, 0), (2, 800), (4, 300)], 1000)
     assert np.all(np.diff(f) >= 0) and f[-1] == 1.0
+
+
+class SpaceWords:
+    """A BPE-like tokenizer: " word" and "word" are different tokens, as in GPT-style vocabularies."""
+
+    def __init__(self):
+        self.vocab: dict[str, int] = {}
+
+    def __call__(self, text, add_special_tokens=False, return_offsets_mapping=True):
+        found = list(re.finditer(r" ?\S+", text))
+        ids = [self.vocab.setdefault(m.group(), len(self.vocab)) for m in found]
+        return {"input_ids": ids, "offset_mapping": [m.span() for m in found]}
+
+
+def test_leading_space_spells_a_sentence_start_as_inside_a_sentence():
+    tok = SpaceWords()
+    inside, _ = decoder_tokens(tok, "fourteen. Twelve plus two")
+    plain, _ = decoder_tokens(tok, "Twelve plus two")
+    spaced, offsets = decoder_tokens(tok, "Twelve plus two", leading_space=True)
+    assert plain[0] not in inside  # "Twelve" at a text's start is a token never seen inside one
+    assert spaced == inside[1:]
+    assert offsets == [(0, 6), (6, 11), (11, 15)]  # spans on the text itself
+    words = [(0, 0), (7, 400), (12, 700)]
+    _, plain_offsets = decoder_tokens(tok, "Twelve plus two")
+    assert token_fractions("Twelve plus two", offsets, words, 1000).tolist() == pytest.approx(
+        token_fractions("Twelve plus two", plain_offsets, words, 1000).tolist()
+    )
 
 
 class SilentTTS:

@@ -224,3 +224,21 @@ def test_the_codec_trains_with_the_istft_generator_and_the_stft_loss():
         opt.step()
         losses.append(float(loss))
     assert "train/stft" in logs and losses[-1] < losses[0]
+
+
+def test_quantize_after_trains_unquantized_first_and_then_starts_the_codebook_from_the_encoder():
+    from modules.codec.stage import Codec
+    from modules.config import load_config
+
+    torch.manual_seed(0)
+    sizes = ["codec.dim=32", "codec.global_dim=8", "codec.global_groups=2", "codec.istft_width=16"]
+    cfg = load_config(["stage=output_1_codec", "experiment=tiny", "codec.quantize_after=1", *sizes])
+    codec = Codec(cfg, with_discriminators=False).train()  # no trainer yet: step 0, before quantize_after
+    x = torch.randn(2, 1, 6000).tanh() * 0.3
+    out = codec.reconstruct(x)
+    assert not bool(codec.quantizer.initialized) and float(out["commitment"]) == 0.0
+    assert out["wav"].shape[-1] == 6000 and out["wav"].requires_grad
+    codec.codec_cfg.quantize_after = 0  # past the warm-up: quantized, the codebook from these vectors
+    out = codec.reconstruct(x)
+    assert bool(codec.quantizer.initialized) and float(out["commitment"].detach()) > 0.0
+    assert codec.quantizer.codes(codec.quantizer.codebook).unique().numel() > 1

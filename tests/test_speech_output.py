@@ -119,6 +119,8 @@ def test_codec_stage_trains_writes_tokens_and_refuses_another_size(codec_args, t
     assert codec.decode(codes, gtok[0]).shape == (2, 1, 1800)
     with pytest.raises(ValueError, match=r"0\.\.63"):
         codec.decode(codes + 64, gtok)
+    with pytest.raises(ValueError, match=r"quantize_after=2 is not below trainer\.max_steps=2"):
+        train.main(["stage=output_1_codec", *codec_args, "codec.quantize_after=2", "resume=false"])
 
     summary = write_codec_tokens(cfg, voice_utterances=4, progress=False)
     assert len(summary["global_tokens"]) == 2
@@ -427,7 +429,7 @@ def test_decoder_stages_train_the_declared_parts(decoder_args):
     m3.apply_freezing(list(cfg3.stage.trainable))
     batch = next(iter(AnswerSpeechDataModule({"train": examples}, 400).make_loader("train")))
     hidden, valid = m3.reply_hidden_states(batch["messages"], batch["texts"])
-    assert hidden.shape[:2] == valid.shape and valid.sum(1).tolist() == [len(r) for r in m3.text_ids(batch["texts"])]
+    assert hidden.shape[:2] == valid.shape and valid.sum(1).tolist() == [len(r) for r in m3.reply_ids(batch["texts"])]
     _frozen_and_trained(m3, batch, {"prefix"})
     metrics = train.main(["stage=output_3_prefix", *decoder_args])
     assert metrics["train_steps"] == 2 and metrics["answers"]["train"]["examples"] == len(examples)

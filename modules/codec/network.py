@@ -59,6 +59,10 @@ class CodecConfig:
     # and back; `modules.layers.quantizer.FactorizedQuantizer`); 0: in the full `dim` (the paper)
     code_dim: int = 0
     commitment_weight: float = 0.25
+    # > 0: the first this many training steps pass the encoder's vectors to the generator
+    # unquantized; the codebooks then start from the vectors of a trained encoder, not of a random
+    # one. 0: quantized from the first step (the paper).
+    quantize_after: int = 0
     # discriminators (training only): MPD periods and widths, MSD scales and base width
     disc_periods: list[int] = field(default_factory=lambda: [2, 3, 5, 7, 11])
     disc_period_widths: list[int] = field(default_factory=lambda: [32, 128, 512, 1024])

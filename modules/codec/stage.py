@@ -127,6 +127,10 @@ class Codec(StageModule):
         "global_tokens" [B, G], "commitment"}."""
         local, voice = self.encoder(self._pad(wav))
         b, d, t = local.shape
+        if self.training and self.global_step < self.codec_cfg.quantize_after:  # continuous warm-up
+            y = self.generator(local, voice)
+            none = torch.zeros(b, t, dtype=torch.long, device=wav.device)
+            return {"wav": y, "codes": none, "global_tokens": none[:, :0], "commitment": local.new_zeros(())}
         q, codes, commit = self.quantizer(local.transpose(1, 2).reshape(-1, d))
         gq, gtokens, gcommit = self.global_quantizer(voice)
         y = self.generator(q.view(b, t, d).transpose(1, 2), gq)
@@ -236,6 +240,13 @@ class Codec(StageModule):
         `judge`) when that has run: `val/judge_wer` and one point of `judge_curve` per validation,
         against the minutes spent training (validation time left out)."""
         from modules.encoder.ctc import trained_judge
+
+        steps, warm = self.trainer.max_steps, self.codec_cfg.quantize_after
+        if 0 < steps <= warm:
+            raise ValueError(
+                f"codec.quantize_after={warm} is not below trainer.max_steps={steps}: the codebook would never "
+                "be trained (lower codec.quantize_after, or 0 to quantize from the first step)"
+            )
 
         judge = trained_judge(self.cfg, "codec validation")
         self.__dict__["_judge"] = judge  # not a submodule: never trained, moved or saved with the codec

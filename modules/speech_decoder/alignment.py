@@ -44,6 +44,15 @@ def token_fractions(
     return np.maximum.accumulate(np.append(out, 1.0))
 
 
+def decoder_tokens(tokenizer, text: str, leading_space: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
+    """The tokens the decoder speaks `text` as, and their character spans in `text`: the plain
+    tokenization, or (`speech_decoder.leading_space`) that of " " + text with the spans shifted
+    back onto `text` (the space belongs to the first token)."""
+    enc = tokenizer((" " if leading_space else "") + text, add_special_tokens=False, return_offsets_mapping=True)
+    shift = 1 if leading_space else 0
+    return list(enc["input_ids"]), [(max(s - shift, 0), max(e - shift, 0)) for s, e in enc["offset_mapping"]]
+
+
 class ESpeakAligner:
     """Token start shares (`token_fractions`) of texts spoken in the assistant voice, cached by text.
 
@@ -51,8 +60,8 @@ class ESpeakAligner:
     `fallbacks` counts those texts and the first one is logged, so a corpus where that is common
     shows it (the decoder stage logs the count as `aligner_fallbacks`)."""
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer, leading_space: bool = False):
+        self.tokenizer, self.leading_space = tokenizer, leading_space
         self.cache: dict[str, np.ndarray] = {}
         self.fallbacks = 0
         self._tts = None
@@ -63,15 +72,15 @@ class ESpeakAligner:
             from datamodules.corpus.voices import ASSISTANT_VOICE
 
             self._tts = self._tts or ESpeak()
-            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            ids, offsets = decoder_tokens(self.tokenizer, text, self.leading_space)
             try:
                 audio, words = self._tts.synthesize_words(text, ASSISTANT_VOICE)
-                self.cache[text] = token_fractions(text, enc["offset_mapping"], words, len(audio))
+                self.cache[text] = token_fractions(text, offsets, words, len(audio))
             except (RuntimeError, ValueError) as e:  # nothing to speak: spread the tokens evenly
                 if not self.fallbacks:
                     log.warning("no eSpeak word timings for %r (%s): its tokens are spread evenly", text[:80], e)
                 self.fallbacks += 1
-                m = len(enc["input_ids"])
+                m = len(ids)
                 self.cache[text] = np.linspace(0.0, 1.0, m + 1)
         return self.cache[text]
 

@@ -80,6 +80,12 @@ class SpeechDecoderConfig:
     # words where LLM tokens are not, so a word seen once or never in training is still spoken
     # from its sounds. 0 = off (the release).
     aligned_phonemes: int = 0
+    # Tokenize every text the decoder speaks as if a word came before it (" Twelve plus two ...").
+    # The engine speaks a reply sentence by sentence, and a BPE spells a word at a text's start
+    # differently from the same word after a space ("Tw" "elve" against " Twelve"): the first
+    # word of a later sentence is then a token the decoder rarely or never saw. With a leading
+    # space every word has the one spelling it has inside a sentence. Off = the release.
+    leading_space: bool = False
     top_k: int = 2  # the release's decoder_top_k
 
 

@@ -33,7 +33,7 @@ from datamodules.shards.reader import iter_metadata, iter_raw
 from datamodules.text_qa import chat_messages
 from datamodules.tts import CODES_MEMBER, TTSDataModule
 from modules.llm.hf import load_llm
-from modules.speech_decoder.alignment import ESpeakAligner, TokenPhonemes
+from modules.speech_decoder.alignment import ESpeakAligner, TokenPhonemes, decoder_tokens
 from modules.speech_decoder.network import SpeechDecoderConfig, SpeechDecoding
 from modules.stage import (
     StageModule,
@@ -67,7 +67,7 @@ class SpeechDecoder(SpeechDecoding, StageModule):
             )
         self.build_parts(dcfg, llm.config.hidden_size)
         self.llm, self.tokenizer = llm, tokenizer
-        self.aligner = ESpeakAligner(tokenizer) if dcfg.duration_positions else None
+        self.aligner = ESpeakAligner(tokenizer, dcfg.leading_space) if dcfg.duration_positions else None
         self.sounds = TokenPhonemes(tokenizer, dcfg.aligned_phonemes) if dcfg.aligned_phonemes else None
 
     def components(self) -> dict[str, nn.Module]:
@@ -87,7 +87,12 @@ class SpeechDecoder(SpeechDecoding, StageModule):
         return ids.to(self.device), valid.to(self.device)
 
     def text_ids(self, texts: list[str]) -> list[list[int]]:
-        return [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        """The tokens the decoder speaks each text as (`speech_decoder.leading_space`)."""
+        return [decoder_tokens(self.tokenizer, t, self.dcfg.leading_space)[0] for t in texts]
+
+    def reply_ids(self, replies: list[str]) -> list[list[int]]:
+        """The LLM's own tokens of each reply (what follows its chat prompt)."""
+        return [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in replies]
 
     @torch.no_grad()
     def text_inputs(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,7 +117,7 @@ class SpeechDecoder(SpeechDecoding, StageModule):
                            add_special_tokens=False)["input_ids"]
             for m in messages
         ]  # fmt: skip
-        reply_ids = self.text_ids(replies)
+        reply_ids = self.reply_ids(replies)
         ids, valid = self._pad([p + r for p, r in zip(prompts, reply_ids)])
         hidden = self.llm.get_decoder()(input_ids=ids, attention_mask=valid.long()).last_hidden_state.float()
         n = max(1, max(len(r) for r in reply_ids))
