@@ -124,13 +124,13 @@ class Codec(StageModule):
 
     def reconstruct(self, wav: torch.Tensor) -> dict[str, torch.Tensor]:
         """wav [B, 1, S] -> {"wav" [B, 1, S'] (S' = S rounded up to tokens), "codes" [B, T],
-        "global_tokens" [B, G], "commitment"}."""
+        "global_tokens" [B, G], "commitment"}; codes and global tokens are None while training
+        inside the `codec.quantize_after` warm-up."""
         local, voice = self.encoder(self._pad(wav))
         b, d, t = local.shape
-        if self.training and self.global_step < self.codec_cfg.quantize_after:  # continuous warm-up
+        if self.training and self.global_step < self.codec_cfg.quantize_after:  # continuous warm-up: no codes
             y = self.generator(local, voice)
-            none = torch.zeros(b, t, dtype=torch.long, device=wav.device)
-            return {"wav": y, "codes": none, "global_tokens": none[:, :0], "commitment": local.new_zeros(())}
+            return {"wav": y, "codes": None, "global_tokens": None, "commitment": local.new_zeros(())}
         q, codes, commit = self.quantizer(local.transpose(1, 2).reshape(-1, d))
         gq, gtokens, gcommit = self.global_quantizer(voice)
         y = self.generator(q.view(b, t, d).transpose(1, 2), gq)
@@ -229,8 +229,9 @@ class Codec(StageModule):
         self.clip_gradients(opt_g, gradient_clip_val=clip)
         opt_g.step()
         sched_g.step()
-        usage = codebook_usage(out["codes"], self.codec_cfg.codebook_size)
-        self.log_dict({**logs, **more, "train/loss": loss.detach(), "train/code_perplexity": usage["perplexity"]})
+        self.log_dict({**logs, **more, "train/loss": loss.detach()})
+        if out["codes"] is not None:  # none during the `quantize_after` warm-up
+            self.log("train/code_perplexity", codebook_usage(out["codes"], self.codec_cfg.codebook_size)["perplexity"])
         self.log("mel", more["train/mel"], prog_bar=True, logger=False)
         return loss
 
@@ -238,7 +239,8 @@ class Codec(StageModule):
     def on_fit_start(self) -> None:
         """Validation transcribes its reconstructions with the intelligibility judge (stage
         `judge`) when that has run: `val/judge_wer` and one point of `judge_curve` per validation,
-        against the minutes spent training (validation time left out)."""
+        against the minutes spent training (validation time left out). A `codec.quantize_after`
+        that leaves no quantized steps is refused first."""
         from modules.encoder.ctc import trained_judge
 
         steps, warm = self.trainer.max_steps, self.codec_cfg.quantize_after
